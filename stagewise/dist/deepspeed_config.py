@@ -1,0 +1,102 @@
+"""DeepSpeed JSON from the run config: every batch number resolved, or a user JSON checked.
+
+    cfg = make_deepspeed_config(dist, micro_batch=8, grad_accum=4, world_size=2,
+                                max_grad_norm=1.0, hidden_size=576)
+    # cfg["train_batch_size"] == 8 * 4 * 2
+
+Bucket sizes follow the DeepSpeed/HF recommendation for a model of hidden size h:
+reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h, param_persistence = 10*h.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stagewise.config import DistConfig
+from stagewise.errors import ConfigError
+
+STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int, world_size: int,
+                          max_grad_norm: float, hidden_size: int) -> dict:
+    stage = STAGES[dist.strategy]
+    h2 = hidden_size * hidden_size
+    zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                  "reduce_bucket_size": h2, "allgather_bucket_size": max(h2, 5 * 10**7)}
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * h2), "stage3_param_persistence_threshold": 10 * hidden_size,
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    if dist.offload in ("optimizer", "optimizer_and_params"):
+        zero["offload_optimizer"] = _offload(dist)
+    if dist.offload == "optimizer_and_params":
+        zero["offload_param"] = _offload(dist)
+    return {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": dist.mixed_precision == "bf16"},
+        "fp16": {"enabled": dist.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        # we pass torch.optim.AdamW; allow it under ZeRO and with CPU offload
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _offload(dist: DistConfig) -> dict:
+    d = {"device": dist.offload_device, "pin_memory": dist.cpu is False}
+    if dist.offload_device == "nvme":
+        d["nvme_path"] = dist.nvme_path
+    return d
+
+
+def check_user_config(user: dict, expected: dict, source: str) -> dict:
+    """Check a user JSON against the run; 'auto' values are filled in. Raises ConfigError per disagreement."""
+    out = json.loads(json.dumps(user))
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        val = out.get(key, "auto")
+        if val == "auto":
+            out[key] = expected[key]
+        elif int(val) != expected[key]:
+            raise ConfigError(f"{source}: {key}={val} but the run uses {expected[key]} "
+                              f"(micro-batch x accumulation x processes); fix one of them")
+    for prec in ("bf16", "fp16"):
+        want = expected[prec]["enabled"]
+        have = out.get(prec, {}).get("enabled", False)
+        if have == "auto":
+            out.setdefault(prec, {})["enabled"] = want
+        elif bool(have) != want:
+            raise ConfigError(f"{source}: {prec}.enabled={have} but dist.mixed_precision asks for "
+                              f"{'it' if want else 'no ' + prec}")
+    stage = out.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != expected["zero_optimization"]["stage"]:
+        raise ConfigError(f"{source}: zero_optimization.stage={stage} but dist.strategy is "
+                          f"zero{expected['zero_optimization']['stage']}")
+    out.setdefault("zero_optimization", {}).setdefault("stage", expected["zero_optimization"]["stage"])
+    if out.get("gradient_clipping", "auto") == "auto":
+        out["gradient_clipping"] = expected["gradient_clipping"]
+    out.setdefault("zero_allow_untested_optimizer", True)
+    out.setdefault("zero_force_ds_cpu_optimizer", False)
+    return out
+
+
+def load_user_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"dist.deepspeed_config: file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"dist.deepspeed_config: {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def write_config(cfg: dict, output_dir: str | Path, strategy: str) -> Path:
+    path = Path(output_dir) / "deepspeed_config" / f"ds_config_zero{STAGES[strategy]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path

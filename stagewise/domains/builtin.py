@@ -1,0 +1,72 @@
+"""Built-in arithmetic domains, generated offline and calibrated to the bundled SmolLM2-135M.
+
+Each enumerates a finite item space, so train and held-out splits are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+from stagewise.config import DomainSpec
+from stagewise.domains.base import Domain, split_items
+from stagewise.registry import register
+
+ANSWER_ONLY = " Reply with just the number."
+
+
+def _arith(spec: DomainSpec, seed: int, items, make, rewards, metric="last_number") -> Domain:
+    train, held = split_items(items, spec.eval_size, spec.train_size, seed, spec.name)
+    return Domain(spec.name, [make(*x) for x in train], [make(*x) for x in held], rewards, metric)
+
+
+@register("domain", "add")
+def add(spec: DomainSpec, seed: int) -> Domain:
+    """'What is a + b?'  a, b in [lo, hi] (args: lo=1, hi=60)."""
+    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 60)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    make = lambda a, b: {"prompt": f"What is {a} + {b}?{ANSWER_ONLY}", "answer": str(a + b)}  # noqa: E731
+    return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
+
+
+@register("domain", "max")
+def larger(spec: DomainSpec, seed: int) -> Domain:
+    """'Which is larger, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99)."""
+    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 99)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if a != b]
+    make = lambda a, b: {"prompt": f"Which number is larger, {a} or {b}?{ANSWER_ONLY}", "answer": str(max(a, b)),
+                          "options": [a, b]}  # noqa: E731
+    return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")
+
+
+@register("domain", "sub")
+def sub(spec: DomainSpec, seed: int) -> Domain:
+    """'What is a - b?'  lo <= b < a <= hi (args: lo=1, hi=60)."""
+    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 60)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, a)]
+    make = lambda a, b: {"prompt": f"What is {a} - {b}?{ANSWER_ONLY}", "answer": str(a - b)}  # noqa: E731
+    return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
+
+
+@register("domain", "mul")
+def mul(spec: DomainSpec, seed: int) -> Domain:
+    """'What is a * b?'  a, b in [lo, hi] (args: lo=2, hi=20)."""
+    lo, hi = spec.args.get("lo", 2), spec.args.get("hi", 20)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    make = lambda a, b: {"prompt": f"What is {a} times {b}?{ANSWER_ONLY}", "answer": str(a * b)}  # noqa: E731
+    return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
+
+
+@register("domain", "next")
+def successor(spec: DomainSpec, seed: int) -> Domain:
+    """'What number comes right after n?'  n in [lo, hi] (args: lo=10, hi=999)."""
+    lo, hi = spec.args.get("lo", 10), spec.args.get("hi", 999)
+    make = lambda n: {"prompt": f"What number comes right after {n}?{ANSWER_ONLY}", "answer": str(n + 1)}  # noqa: E731
+    return _arith(spec, seed, [(n,) for n in range(lo, hi + 1)], make, [("last_number", 1.0), ("concise", 0.2)])
+
+
+@register("domain", "smaller")
+def smaller(spec: DomainSpec, seed: int) -> Domain:
+    """'Which is smaller, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99)."""
+    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 99)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if a != b]
+    make = lambda a, b: {"prompt": f"Which number is smaller, {a} or {b}?{ANSWER_ONLY}", "answer": str(min(a, b)),
+                          "options": [a, b]}  # noqa: E731
+    return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")

@@ -1,0 +1,316 @@
+"""One GRPO stage: the training loop to read top to bottom.
+
+    result = train_grpo_stage(job)      # called by the curriculum for every `kind: grpo` stage
+
+Each step:  sample prompts  ->  generate G completions each  ->  rewards  ->  gather rewards of
+all processes  ->  advantages per group  ->  (old / reference log-probs when needed)  ->
+micro-batches with gradient accumulation  ->  clip, AdamW, schedule  ->  metrics, checkpoint.
+
+Departures from the paper (Shao et al. 2024), on purpose:
+- with num_iterations == 1 the "old" policy is the current one detached (ratio == 1), so no
+  extra forward pass is spent on old log-probs (as TRL);
+- the loss aggregation is chosen by name (grpo | dr_grpo | dapo), and the normalisers are the
+  global counts of the whole step, so micro-batch x accumulation x processes does not change
+  the gradient;
+- dropping zero-variance groups ("dynamic sampling", DAPO) masks them out of the loss instead of
+  re-sampling: every process still runs the same number of forward/backward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagewise.checkpoint import Counters, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagewise.config import RunConfig
+from stagewise.domains import Domain
+from stagewise.models import load_model
+from stagewise.registry import lookup
+from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
+from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
+from stagewise.rl.logprobs import completion_logprobs
+from stagewise.rl.advantages import zero_variance_groups
+from stagewise.rl.losses import per_token_loss
+from stagewise.rl.rollout import RolloutBatch, generate_rollouts
+from stagewise.tracking import StepProgress, Tracker, print0
+
+
+@dataclass
+class StageJob:
+    cfg: RunConfig
+    index: int  # stage number, 0-based
+    accelerator: object
+    tokenizer: object
+    domains: list[Domain]  # this stage's domains
+    replay_domains: list[Domain]  # earlier stages' domains (replay), may be empty
+    init_path: str  # weights to start from (HF dir): base model or previous stage's export
+    ref_path: str | None  # reference weights for the KL term (None when beta == 0)
+    out_dir: Path  # stage directory: checkpoints/, model/
+    tracker: Tracker
+    counters: Counters
+    resume: bool = False
+    stop_after: int | None = None  # stop (after checkpointing) once counters.step reaches this
+    global_step_offset: int = 0
+    curve: list[float] = field(default_factory=list)
+
+
+# --- pieces the loop uses ----------------------------------------------------------------------
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier of the base lr at optimizer step s: linear warmup, then cosine/linear/constant."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        p = min(1.0, (s - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p
+        return min_ratio + (1 - min_ratio) * decay
+
+    return f
+
+
+def pick_examples(job: StageJob, step: int, n: int, replay: float) -> list[tuple[Domain, dict]]:
+    """The step's global prompt list: a pure function of (seed, stage, step), so the data position
+    is the step counter and every process agrees without communicating."""
+    rng = random.Random(f"{job.cfg.seed}:{job.index}:{step}")
+    n_replay = round(n * replay) if job.replay_domains else 0
+    out = []
+    for i in range(n):
+        pool = job.replay_domains if i < n_replay else job.domains
+        dom = pool[rng.randrange(len(pool))]
+        out.append((dom, dom.train[rng.randrange(len(dom.train))]))
+    rng.shuffle(out)
+    return out
+
+
+def completion_seeds(seed: int, stage: int, step: int, first_row: int, count: int) -> list[int]:
+    """One sampling seed per completion, keyed by its global row: independent of process count."""
+    base = (seed * 1_000_003 + stage * 65_537 + step * 8_191) % (2**61)
+    return [(base * 31 + first_row + i) % (2**61) for i in range(count)]
+
+
+class RolloutWeights:
+    """Weights used for sampling. bf16_copy: a bf16 replica refreshed after each optimizer step
+    (decoding is latency-bound; bf16 weights halve memory traffic and skip per-call autocast
+    casts: 2.1 s vs 3.3 s fp32 for 32x24 tokens on the 2-core CPU). Else the policy itself."""
+
+    def __init__(self, accelerator, model, engine: str, strategy: str, mixed_precision: str):
+        self.acc, self.model = accelerator, model
+        unwrapped = accelerator.unwrap_model(model)
+        if engine == "auto":
+            fp32_params = next(unwrapped.parameters()).dtype == torch.float32
+            plain = strategy in ("single", "ddp") and not hasattr(unwrapped, "peft_config")
+            engine = "bf16_copy" if (plain and fp32_params and mixed_precision == "bf16") else "policy"
+        self.engine = engine
+        self.copy = None
+        if engine == "bf16_copy":
+            self.copy = copy.deepcopy(accelerator.unwrap_model(model, keep_fp32_wrapper=False)).to(torch.bfloat16).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.copy is not None:
+            src = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            for c, p in zip(self.copy.parameters(), src.parameters()):
+                c.copy_(p)
+
+    def module(self):
+        return self.copy if self.copy is not None else self.acc.unwrap_model(self.model)
+
+
+def make_all_done(accelerator, zero3: bool):
+    """Under ZeRO-3 all ranks must decode the same number of steps (the synced_gpus role)."""
+    if not zero3 or accelerator.num_processes == 1:
+        return None
+
+    def all_done(local: bool) -> bool:
+        flag = torch.tensor([0.0 if local else 1.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() == 0)
+
+    return all_done
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def train_grpo_stage(job: StageJob) -> dict:
+    cfg, acc, tok = job.cfg, job.accelerator, job.tokenizer
+    ro, gc, oc = cfg.stage_part(job.index, "rollout"), cfg.stage_part(job.index, "grpo"), cfg.stage_part(job.index, "optim")
+    stage = cfg.stages[job.index]
+    total_steps = cfg.stage_steps(job.index)
+    world, rank = acc.num_processes, acc.process_index
+    G = ro.num_generations
+    groups_local = ro.prompts_per_step // world
+    rows_local = groups_local * G
+    gas = rows_local // gc.micro_batch_size
+    advantage_fn, aggregate = lookup("advantage", gc.advantage), lookup("loss", gc.loss)
+    eps_high = gc.epsilon if gc.epsilon_high is None else gc.epsilon_high
+
+    # model, optimizer, schedule (a fresh optimizer each stage; weights come from the hand-over)
+    model = load_model(job.init_path, cfg.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+    n_opt_steps = total_steps * gc.num_iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(oc.schedule, oc.warmup_steps, n_opt_steps, oc.min_lr_ratio))
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model.train()
+    ref = None
+    if gc.beta > 0 and not hasattr(acc.unwrap_model(model), "peft_config"):
+        ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
+                         dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32).to(acc.device).eval()
+    counters = job.counters
+    counters.step, counters.samples = 0, 0
+    if job.resume and (ckpt := latest_checkpoint(job.out_dir)) is not None:
+        load_checkpoint(acc, ckpt)
+        print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
+    weights = RolloutWeights(acc, model, ro.engine, cfg.dist.strategy, cfg.dist.mixed_precision)
+    weights.refresh()
+    all_done = make_all_done(acc, cfg.dist.strategy == "zero3")
+
+    bar = StepProgress(total_steps, f"stage {job.index + 1} {stage.name or '+'.join(stage.domains)}",
+                       cfg.logging.progress, start=counters.step)
+    while counters.step < total_steps:
+        step, t_start = counters.step, time.time()
+
+        # 1. rollout: this process's contiguous share of the step's groups
+        examples = pick_examples(job, step, ro.prompts_per_step, stage.replay)
+        mine = examples[rank * groups_local:(rank + 1) * groups_local]
+        seeds = completion_seeds(cfg.seed, job.index, step, rank * rows_local, rows_local)
+        model.eval()
+        batch = generate_rollouts(weights.module(), tok, mine, num_generations=G, max_new_tokens=ro.max_new_tokens,
+                                  temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, seeds=seeds,
+                                  device=acc.device, all_done=all_done)
+        model.train()
+        t_gen = time.time() - t_start
+
+        # 2. advantages on the gathered rewards: a group's rows are never normalised apart
+        all_rewards = acc.gather(batch.rewards.to(acc.device)).cpu()
+        adv_all, adv_stats = advantage_fn(all_rewards, G)
+        keep_all = torch.ones_like(all_rewards, dtype=torch.bool)
+        if gc.drop_zero_variance_groups:
+            keep_all = ~zero_variance_groups(all_rewards, G)
+        lo, hi = rank * rows_local, (rank + 1) * rows_local
+        batch.advantages = adv_all[lo:hi].to(acc.device)
+        keep = keep_all[lo:hi]
+        if ro.mask_truncated_completions:
+            keep = keep & ~batch.truncated.cpu()
+        batch.loss_mask = (batch.completion_mask * keep[:, None].to(batch.completion_mask.device)).float()
+        counts = acc.reduce(torch.tensor([float((batch.loss_mask.sum(-1) > 0).sum()), float(batch.loss_mask.sum())],
+                                         device=acc.device), reduction="sum")
+        n_seq, n_tok = int(counts[0].item()), int(counts[1].item())
+
+        # 3. log-probs that stay fixed during the step (only when they are needed)
+        if gc.num_iterations > 1 or ref is not None:
+            with torch.no_grad():
+                olds, refs = [], []
+                for s in range(0, rows_local, gc.micro_batch_size):
+                    mb = batch.slice(s, s + gc.micro_batch_size)
+                    width = batch.completion_ids.size(1)
+                    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.size(1)))  # noqa: E731
+                    if gc.num_iterations > 1:
+                        olds.append(pad(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                                           mb.completion_mask, ro.temperature)[0]))
+                    if ref is not None:
+                        refs.append(pad(completion_logprobs(ref, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                                           mb.completion_mask, ro.temperature)[0].float()))
+                batch.old_logp = torch.cat(olds) if olds else None
+                batch.ref_logp = torch.cat(refs) if refs else None
+        elif gc.beta > 0:  # LoRA: the reference is the model with its adapters switched off
+            with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
+                batch.ref_logp = torch.cat([
+                    torch.nn.functional.pad(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                                                mb.completion_mask, ro.temperature)[0],
+                                            (0, batch.completion_ids.size(1) - mb.completion_ids.size(1)))
+                    for mb in (batch.slice(s, s + gc.micro_batch_size) for s in range(0, rows_local, gc.micro_batch_size))])
+
+        # 4. optimise: num_iterations passes, each = gas micro-batches = one optimizer step
+        t_train = time.time()
+        sums = torch.zeros(6, device=acc.device)  # loss, clipped, kl, entropy, tokens, grad-norm
+        for _ in range(gc.num_iterations):
+            for s in range(0, rows_local, gc.micro_batch_size):
+                mb = batch.slice(s, s + gc.micro_batch_size)
+                with acc.accumulate(model):
+                    logp, ent = completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                                    mb.completion_mask, ro.temperature, with_entropy=True)
+                    tok_loss, st = per_token_loss(logp, mb.old_logp, mb.advantages, epsilon_low=gc.epsilon,
+                                                  epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp)
+                    loss = aggregate(tok_loss, mb.loss_mask, num_sequences=n_seq, num_tokens=n_tok,
+                                     max_len=ro.max_new_tokens)
+                    # accelerate divides by gas and DDP/ZeRO average over processes: undo both so the
+                    # summed gradient is exactly that of the global objective
+                    acc.backward(loss * world * gas)
+                    if acc.sync_gradients and oc.max_grad_norm > 0:
+                        gn = acc.clip_grad_norm_(model.parameters(), oc.max_grad_norm)
+                        if gn is not None:
+                            sums[5] = float(gn)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                m = mb.loss_mask
+                sums[:5] += torch.stack([loss.detach().float() / gc.num_iterations, (st["clipped"] * m).sum(),
+                                         (st["kl"] * m).sum() if "kl" in st else torch.zeros((), device=m.device),
+                                         (ent * m).sum(), m.sum()]).to(sums.device)
+            scheduler.step()
+        weights.refresh()
+        t_train = time.time() - t_train
+        counters.step += 1
+        counters.samples += ro.prompts_per_step * G
+
+        # 5. metrics, reduced over processes; rank 0 writes them
+        red = acc.reduce(sums[:5].clone(), reduction="sum")
+        lengths = acc.gather(batch.completion_mask.sum(-1).to(acc.device).float()).cpu()
+        trunc = acc.gather(batch.truncated.to(acc.device).float()).cpu()
+        part_means = {}
+        for name, vals in batch.reward_parts.items():
+            allv = acc.gather(vals.to(acc.device)).cpu()
+            ok = ~torch.isnan(allv)
+            if ok.any():
+                part_means[f"reward/{name}"] = allv[ok].mean().item()
+                part_means[f"reward/{name}_std"] = allv[ok].std().item() if ok.sum() > 1 else 0.0
+        step_time = time.time() - t_start
+        gen_tokens = float(lengths.sum())
+        metrics = {
+            "stage": job.index + 1, "stage_step": counters.step,
+            "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(), **part_means,
+            "loss": red[0].item(), "clip_ratio": red[1].item() / max(red[4].item(), 1),
+            "kl": red[2].item() / max(red[4].item(), 1), "entropy": red[3].item() / max(red[4].item(), 1),
+            "grad_norm": sums[5].item(), "lr": scheduler.get_last_lr()[0],
+            "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+            "truncated_frac": trunc.mean().item(), **adv_stats,
+            "step_time": step_time, "gen_time": t_gen, "train_time": t_train,
+            "tokens_per_s": gen_tokens / step_time, "completions_per_s": all_rewards.numel() / step_time,
+        }
+        job.curve.append(metrics["reward"])
+        if counters.step % cfg.logging.log_every == 0 or counters.step == total_steps:
+            job.tracker.log(metrics, step=job.global_step_offset + counters.step)
+        bar.update(1, reward=metrics["reward"], loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
+
+        # 6. checkpoint (collective) mid-stage, and honour a requested stop
+        stopping = job.stop_after is not None and counters.step >= job.stop_after and counters.step < total_steps
+        if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
+            save_checkpoint(acc, job.out_dir, counters.step, {"stage": job.index, "stage_name": stage.name,
+                                                              "total_steps": total_steps}, cfg.checkpoint.keep_last)
+        if stopping:
+            bar.close()
+            acc.free_memory()
+            return {"stopped": True, "step": counters.step}
+    bar.close()
+    export_model(acc, model, tok, job.out_dir / "model", extra={"stage": job.index, "steps": total_steps})
+    result = {"stopped": False, "step": counters.step, "model": str(job.out_dir / "model")}
+    del weights, ref
+    acc.free_memory()
+    return result

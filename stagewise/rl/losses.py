@@ -1,0 +1,69 @@
+"""GRPO policy loss: per-token clipped surrogate + k3 KL, then an aggregation from a registry.
+
+Shapes: B sequences in a micro-batch, T completion positions.
+The aggregations take the *global* counts of the whole accumulated batch (all micro-batches on
+all processes) so that summing micro-batch losses over accumulation steps and processes gives
+exactly the paper's objective, whatever the micro-batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stagewise.registry import register
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref), per token: exp(ref - logp) - (ref - logp) - 1 >= 0.
+
+    logp, ref_logp: (B, T) -> (B, T).
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor, *,
+                   epsilon_low: float, epsilon_high: float, beta: float = 0.0,
+                   ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (PPO/GRPO) per token.
+
+    logp: (B, T) log pi_theta of the sampled tokens (with grad).
+    old_logp: (B, T) log pi_old, or None when num_iterations == 1 (then pi_old = pi_theta detached,
+              the ratio is 1 and its gradient is grad log pi: no second forward pass is needed).
+    advantages: (B,).  ref_logp: (B, T) or None.  Returns (loss (B, T), per-token stats (B, T)).
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    adv = advantages[:, None]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    stats = {"clipped": ((ratio * adv) > (clipped * adv)).float()}
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+@register("loss", "grpo")
+def aggregate_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+                   max_len: int) -> torch.Tensor:
+    """GRPO: mean over each sequence's tokens, then mean over all sequences of the batch."""
+    per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.sum() / max(num_sequences, 1)
+
+
+@register("loss", "dr_grpo")
+def aggregate_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+                      max_len: int) -> torch.Tensor:
+    """Dr. GRPO: token sum / (batch size x max completion length): no length bias."""
+    return (loss * mask).sum() / max(num_sequences * max_len, 1)
+
+
+@register("loss", "dapo")
+def aggregate_dapo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+                   max_len: int) -> torch.Tensor:
+    """DAPO token-level: token sum / number of active tokens of the whole accumulated batch."""
+    return (loss * mask).sum() / max(num_tokens, 1)

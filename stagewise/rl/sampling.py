@@ -1,0 +1,118 @@
+"""Autoregressive sampling with a KV cache and one random stream per sequence.
+
+Why not ``model.generate``: every sequence here draws its noise from its own generator seeded by
+(run seed, step, global sequence index). The completions of a step are therefore the same
+whether 1 or N processes generate them and whatever the batch composition, which is what makes
+N-process GRPO testable against 1 process, and resume exact. Under ZeRO-3 every rank must run
+the same number of forward passes (parameters are all-gathered inside forward); ``all_done``
+is the hook through which ranks agree to stop (the role of ``synced_gpus`` in ``generate``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 attention mask, left-padded -> (B, T) positions counting only real tokens."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask logits outside the top-k and the top-p nucleus with -inf.  logits: (B, V) -> (B, V)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass *before* it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling. probs: (B, V), uniforms: (B,) in [0, 1) -> (B,) token ids.
+
+    One uniform per row (not V Gumbel draws) keeps per-sequence generators cheap: drawing
+    full-vocabulary noise row by row cost ~40 ms per decode step for 32 rows here.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    # right=True: the first index whose cumulative mass exceeds u, never a zero-probability token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_token_ids: list[int], pad_token_id: int, num_samples: int = 1,
+           seeds: list[int] | None = None, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False,
+           all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample ``num_samples`` completions for each prompt.
+
+    prompt_ids, prompt_mask: (N, P), left-padded, one row per *distinct* prompt.
+    seeds: N * num_samples ints (row b = prompt b // num_samples), required unless greedy.
+    Returns completion_ids (B, C) right-padded with pad_token_id (B = N * num_samples), completion
+    mask (B, C) covering the tokens up to and including the first EOS, and truncated (B,) bool:
+    no EOS within max_new_tokens. C <= max_new_tokens: decoding stops when every row has ended.
+
+    Speed: each distinct prompt is prefilled once and its KV cache repeated num_samples times
+    (GRPO groups share their prompt), and rows that reached EOS leave the batch.
+    """
+    N, device = prompt_ids.size(0), prompt_ids.device
+    B = N * num_samples
+    if not greedy:
+        if seeds is None or len(seeds) != B:
+            raise ValueError("sample: one seed per completion is required unless greedy=True")
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    eos = torch.tensor(eos_token_ids, device=device)
+    mask = prompt_mask.long()
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    next_pos = positions[:, -1:] + 1
+    if num_samples > 1:
+        past.batch_repeat_interleave(num_samples)
+        logits, mask, next_pos = (x.repeat_interleave(num_samples, dim=0) for x in (logits, mask, next_pos))
+
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.arange(B, device=device)  # rows of the full batch still decoding (= cache rows)
+    for t in range(max_new_tokens):
+        if active.numel():
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                u = torch.stack([torch.rand((), generator=gens[i]) for i in active.tolist()])
+                nxt = draw_tokens(probs, u.to(device))
+            tokens[active, t] = nxt
+            lengths[active] += 1
+            hit = torch.isin(nxt, eos)
+            ended[active[hit]] = True
+            if hit.any():
+                keep = (~hit).nonzero().squeeze(1)
+                past.batch_select_indices(keep)
+                active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
+        last = t == max_new_tokens - 1
+        local_done = active.numel() == 0
+        if last or (all_done(local_done) if all_done is not None else local_done):
+            break
+        if active.numel():
+            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                        past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        else:  # finished here but not on every rank: keep joining the ZeRO-3 all-gathers
+            model(input_ids=torch.full((1, 1), pad_token_id, device=device), use_cache=False)
+    C = max(int(lengths.max()), 1)
+    completion_mask = (torch.arange(C, device=device)[None, :] < lengths[:, None]).long()
+    return tokens[:, :C], completion_mask, ~ended

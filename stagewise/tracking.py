@@ -1,0 +1,115 @@
+"""Rank-0 helpers, progress, metrics.jsonl and TensorBoard — the only place that prints or logs.
+
+    print0("hello")                       # main process only
+    tracker = Tracker(accelerator, out_dir, tensorboard=True)
+    tracker.log({"reward": 0.4}, step=3)  # metrics.jsonl (+ TensorBoard) on rank 0; no-op elsewhere
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_console = Console(highlight=False, soft_wrap=True)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def is_main() -> bool:
+    """True on the global rank-0 process (and when not distributed). Safe before any init."""
+    try:
+        from accelerate.state import PartialState
+
+        if PartialState._shared_state:
+            return PartialState().is_main_process
+    except Exception:  # accelerate not initialised yet
+        pass
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        kwargs.setdefault("markup", False)
+        _console.print(*args, **kwargs)
+
+
+def _clean(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+class Tracker:
+    """Appends one JSON object per call to ``metrics.jsonl``; forwards to accelerate's trackers."""
+
+    def __init__(self, accelerator, output_dir: str | Path, tensorboard: bool = True, run_name: str = "run",
+                 config: dict | None = None):
+        self.acc = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = False
+        if accelerator.is_main_process and tensorboard:
+            try:
+                accelerator.init_trackers(run_name, config=_flat(config or {}))
+                self.tb = True
+            except Exception as e:  # tensorboard missing or unwritable: keep training, say why
+                print0(f"[stagewise] TensorBoard disabled: {e}")
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if not self.acc.is_main_process:
+            return
+        row = _clean({**metrics, "step": step, "time": time.time()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        if self.tb:
+            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.acc.end_training()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class StepProgress:
+    """A rich progress bar on the main process only: step, reward/loss, tokens/s, ETA."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0):
+        self.on = enabled and is_main()
+        if self.on:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=_console, transient=False)
+            self.task = self.bar.add_task(description, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, advance: int = 1, **info) -> None:
+        if self.on:
+            text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+            self.bar.update(self.task, advance=advance, info=text)
+
+    def close(self) -> None:
+        if self.on:
+            self.bar.stop()
