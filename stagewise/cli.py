@@ -24,9 +24,10 @@ THREE_DOMAINS = REPO / "configs" / "three_domains.yaml"
 
 def _run(args) -> int:
     from stagewise.config import load_config
+
+    cfg = load_config(args.config, args.overrides, args.ablation)  # fail fast, before heavy imports
     from stagewise.continual.curriculum import run_curriculum
 
-    cfg = load_config(args.config, args.overrides, args.ablation)
     result = run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
     return 0 if result else 1
 
@@ -145,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before or after flags: collect key=value leftovers for run/continual
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except StagewiseError as e:

@@ -60,6 +60,12 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
     from accelerate.state import PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    # A process may run several configs (tests, notebooks): drop the previous run's accelerator
+    # settings; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     cpu = on_cpu(dist)
     check(dist, world_size_from_env())
     common = dict(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random Llama (2 layers, width 64) and a byte-level tokenizer, built
+offline from a config — tests never download anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}A:{% endif %}")
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                      bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def make_tiny_dir(path: Path, seed: int = 0) -> Path:
+    tok = build_tokenizer()
+    model = build_tiny_model(len(tok), seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from stagewise.models import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer(str(tiny_model_dir))

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stagewise.continual.curriculum import run_curriculum
+from stagewise.errors import StagewiseError
+
+from tests.helpers import tiny_config, tiny_raw
+
+
+def test_two_stages_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir, out)
+    res = run_curriculum(cfg)
+    R = res["matrix"]
+    assert len(R) == 3 and all(len(r) == 2 for r in R)  # base + 2 stages, 2 domains
+    assert all(0.0 <= x <= 1.0 for r in R for x in r)
+    assert set(res["metrics"]) >= {"ACC", "BWT", "FWT", "forgetting", "plasticity"}
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "accuracy_matrix.png", "reward_curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["stage"] for r in steps] == [1, 1, 2, 2]
+    for key in ("reward/sevens", "completion_len_mean", "clip_ratio", "entropy", "grad_norm",
+                "lr", "gen_time", "train_time", "tokens_per_s", "frac_zero_variance_groups"):
+        assert key in steps[0], key
+    assert "| base |" in (out / "report.md").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final_model")
+    AutoTokenizer.from_pretrained(out / "final_model")
+    assert model.config.num_hidden_layers == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["stages"][1]["domains"] == ["max"]
+
+
+def test_resume_after_kill_between_stages_gives_same_matrix(tiny_model_dir, tmp_path):
+    full = run_curriculum(tiny_config(tiny_model_dir, tmp_path / "full"))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "cut")
+    part = run_curriculum(cfg, stop_after=2)  # stops after stage 1 is exported and evaluated
+    assert part["stopped"]
+    state = json.loads((tmp_path / "cut" / "curriculum.json").read_text())
+    assert sorted(state["rows"]) == ["0", "1"]
+    with pytest.raises(StagewiseError, match="--resume"):
+        run_curriculum(cfg)  # refuses to clobber a run
+    resumed = run_curriculum(cfg, resume=True)
+    assert resumed["matrix"] == full["matrix"]
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_replay_mixes_earlier_domains(tiny_model_dir, tmp_path):
+    from stagewise.domains import build_domain
+    from stagewise.rl.grpo import StageJob, pick_examples
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "r")
+    add, mx = (build_domain(s, 0) for s in cfg.domains)
+    job = StageJob(cfg=cfg, index=1, accelerator=None, tokenizer=None, domains=[mx], replay_domains=[add],
+                   init_path="", ref_path=None, out_dir=tmp_path, tracker=None, counters=None)
+    picked = pick_examples(job, step=0, n=8, replay=0.25)
+    assert sum(d is add for d, _ in picked) == 2 and sum(d is mx for d, _ in picked) == 6
+    assert picked == pick_examples(job, step=0, n=8, replay=0.25)  # a pure function of (seed, stage, step)
+    assert picked != pick_examples(job, step=1, n=8, replay=0.25)
+
+
+def test_cli_run_writes_resolved_config(tiny_model_dir, tmp_path):
+    raw = tiny_raw(tiny_model_dir, tmp_path / "cli", stages=1, steps=1)
+    raw["ablations"] = {"hi_lr": {"optim.lr": 0.01}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(p), "--ablation", "hi_lr", "rollout.max_new_tokens=3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.01 and saved["rollout"]["max_new_tokens"] == 3 and saved["ablation"] == "hi_lr"
+    assert "accuracy matrix" in r.stdout

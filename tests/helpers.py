@@ -1,0 +1,38 @@
+"""Config builders shared by tests that run the real loop on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stagewise.config import load_config
+
+
+def tiny_raw(model_dir: Path, out: Path, stages: int = 2, steps: int = 2, **extra) -> dict:
+    raw = {
+        "name": "tiny", "output_dir": str(out), "seed": 0,
+        "model": {"name_or_path": str(model_dir)},
+        "plugins": ["tests.plugins"],
+        # the built-in tasks with a dense reward (tests/plugins.py) a random tiny model can move
+        "domains": [{"name": "add", "eval_size": 6, "args": {"lo": 1, "hi": 9}, "rewards": [{"name": "sevens"}]},
+                    {"name": "max", "eval_size": 6, "args": {"lo": 1, "hi": 9}, "rewards": [{"name": "sevens"}]}],
+        "rollout": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6},
+        "grpo": {"micro_batch_size": 4},
+        "optim": {"lr": 1.0e-3, "warmup_steps": 1},
+        "eval": {"max_new_tokens": 4, "batch_size": 8},
+        "logging": {"progress": False, "tensorboard": False},
+        "dist": {"mixed_precision": "no"},
+        "stages": [{"domains": ["add"], "steps": steps}, {"domains": ["max"], "steps": steps}][:stages],
+    }
+    for key, val in extra.items():
+        raw[key] = {**raw.get(key, {}), **val} if isinstance(val, dict) else val
+    return raw
+
+
+def tiny_config(model_dir: Path, out: Path, overrides=(), **kw):
+    return load_config(raw=tiny_raw(model_dir, out, **kw), overrides=list(overrides))
+
+
+def load_weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))

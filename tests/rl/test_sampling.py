@@ -1,0 +1,93 @@
+import math
+
+import torch
+
+from stagewise.rl.prompts import encode_prompts, eos_ids
+from stagewise.rl.sampling import draw_tokens, filter_logits, position_ids_from_mask, sample
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # nucleus 0.7: 0.5 alone < 0.7, 0.5+0.3 reaches it -> keep the first two
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_draw_tokens_inverse_cdf():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]] * 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.95])
+    assert draw_tokens(probs, u).tolist() == [0, 0, 2, 3]  # never the zero-probability token 1
+
+
+def _prompts(tok, texts):
+    return encode_prompts(tok, texts)
+
+
+def test_sample_is_reproducible_and_independent_of_batch(tiny):
+    model, tok = tiny
+    model.eval()
+    ids, mask = _prompts(tok, ["What is 1 + 2?", "Hi"])
+    kw = dict(max_new_tokens=6, eos_token_ids=eos_ids(tok), pad_token_id=tok.pad_token_id, temperature=1.0)
+    a, am, _ = sample(model, ids, mask, num_samples=3, seeds=list(range(6)), **kw)
+    b, bm, _ = sample(model, ids, mask, num_samples=3, seeds=list(range(6)), **kw)
+    assert torch.equal(a, b) and torch.equal(am, bm)
+    # the second prompt alone, with the same seeds, gives the same completions (rows 3..5)
+    ids2, mask2 = _prompts(tok, ["Hi"])
+    c, cm, _ = sample(model, ids2, mask2, num_samples=3, seeds=[3, 4, 5], **kw)
+    w = cm.size(1)
+    assert torch.equal(c, a[3:, :w]) and torch.equal(cm, am[3:, :w])
+    assert len({tuple(r.tolist()) for r in a}) > 1  # different seeds -> different samples
+
+
+def test_greedy_matches_hf_generate_and_stops_at_eos(tiny):
+    model, tok = tiny
+    model.eval()
+    ids, mask = _prompts(tok, ["abc", "a longer prompt"])
+    out, cmask, trunc = sample(model, ids, mask, max_new_tokens=5, eos_token_ids=eos_ids(tok),
+                               pad_token_id=tok.pad_token_id, greedy=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(tok))[:, ids.size(1):]
+    for r in range(2):
+        n = int(cmask[r].sum())
+        assert out[r, :n].tolist() == ref[r, :n].tolist()
+    # force an EOS: a model whose only likely token is EOS ends after one token, not truncated
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eos_token_id] = 0  # (tied: also zeros the embedding row)
+    class Bias(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            out = self.m(**kw)
+            out.logits[..., tok.eos_token_id] += 100.0
+            return out
+    out, cmask, trunc = sample(Bias(model), ids, mask, max_new_tokens=5, eos_token_ids=eos_ids(tok),
+                               pad_token_id=tok.pad_token_id, greedy=True)
+    assert cmask.tolist() == [[1], [1]] and out[:, 0].tolist() == [tok.eos_token_id] * 2
+    assert trunc.tolist() == [False, False]
+
+
+def test_truncated_flag_when_no_eos(tiny):
+    model, tok = tiny
+    ids, mask = _prompts(tok, ["x"])
+
+    class NoEos(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            out = self.m(**kw)
+            out.logits[..., tok.eos_token_id] = -math.inf
+            return out
+    out, cmask, trunc = sample(NoEos(model), ids, mask, max_new_tokens=4, eos_token_ids=eos_ids(tok),
+                               pad_token_id=tok.pad_token_id, num_samples=2, seeds=[0, 1])
+    assert cmask.tolist() == [[1, 1, 1, 1]] * 2 and trunc.tolist() == [True, True]
