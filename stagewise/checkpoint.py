@@ -95,6 +95,9 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, extra: dict
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "lm"):  # our PolicyLogprobs wrapper: export the HF model inside
+            unwrapped = unwrapped.lm
+            state_dict = {k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
         if hasattr(unwrapped, "merge_and_unload"):  # peft: export merged weights, not adapters
             import copy
 

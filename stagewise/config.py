@@ -78,6 +78,8 @@ class GRPOConfig(_Part):
     num_iterations: int = Field(1, ge=1)  # optimizer passes over one rollout batch
     drop_zero_variance_groups: bool = False  # DAPO "dynamic sampling" (masking variant)
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
+    # run a group's shared prompt once per micro-batch (needs micro_batch_size % G == 0)
+    shared_prompt: bool = True
 
 
 class DistConfig(_Part):

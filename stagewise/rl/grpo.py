@@ -34,7 +34,7 @@ from stagewise.models import load_model
 from stagewise.registry import lookup
 from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
-from stagewise.rl.logprobs import completion_logprobs
+from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.losses import per_token_loss
 from stagewise.rl.rollout import RolloutBatch, generate_rollouts
@@ -105,7 +105,7 @@ class RolloutWeights:
 
     def __init__(self, accelerator, model, engine: str, strategy: str, mixed_precision: str):
         self.acc, self.model = accelerator, model
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = lm_of(accelerator, model)
         if engine == "auto":
             fp32_params = next(unwrapped.parameters()).dtype == torch.float32
             plain = strategy in ("single", "ddp") and not hasattr(unwrapped, "peft_config")
@@ -113,19 +113,24 @@ class RolloutWeights:
         self.engine = engine
         self.copy = None
         if engine == "bf16_copy":
-            self.copy = copy.deepcopy(accelerator.unwrap_model(model, keep_fp32_wrapper=False)).to(torch.bfloat16).eval()
+            self.copy = copy.deepcopy(lm_of(accelerator, model, keep_fp32_wrapper=False)).to(torch.bfloat16).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 
     @torch.no_grad()
     def refresh(self) -> None:
         if self.copy is not None:
-            src = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            src = lm_of(self.acc, self.model, keep_fp32_wrapper=False)
             for c, p in zip(self.copy.parameters(), src.parameters()):
                 c.copy_(p)
 
     def module(self):
-        return self.copy if self.copy is not None else self.acc.unwrap_model(self.model)
+        return self.copy if self.copy is not None else lm_of(self.acc, self.model)
+
+
+def lm_of(accelerator, model, keep_fp32_wrapper: bool = True):
+    """The HF causal LM inside the prepared (DDP/DeepSpeed-wrapped) PolicyLogprobs module."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper).lm
 
 
 def make_all_done(accelerator, zero3: bool):
@@ -161,16 +166,22 @@ def train_grpo_stage(job: StageJob) -> dict:
     eps_high = gc.epsilon if gc.epsilon_high is None else gc.epsilon_high
 
     # model, optimizer, schedule (a fresh optimizer each stage; weights come from the hand-over)
-    model = load_model(job.init_path, cfg.model)
+    model = PolicyLogprobs(load_model(job.init_path, cfg.model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+    # fused AdamW: one kernel over all tensors (0.11 s vs 0.62 s per step for 135M params on 2 CPU
+    # cores). DeepSpeed flattens and partitions parameters itself, so it gets the plain version.
+    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay,
+                                  fused=cfg.dist.strategy in ("single", "ddp") or None)
     n_opt_steps = total_steps * gc.num_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(oc.schedule, oc.warmup_steps, n_opt_steps, oc.min_lr_ratio))
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model.train()
     ref = None
-    if gc.beta > 0 and not hasattr(acc.unwrap_model(model), "peft_config"):
+    is_lora = hasattr(lm_of(acc, model), "peft_config")
+    # prompts shared by a group are run once per micro-batch when groups are not split
+    group = G if (gc.shared_prompt and gc.micro_batch_size % G == 0 and not cfg.model.gradient_checkpointing) else 1
+    if gc.beta > 0 and not is_lora:
         ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
                          dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32).to(acc.device).eval()
     counters = job.counters
@@ -215,28 +226,23 @@ def train_grpo_stage(job: StageJob) -> dict:
         n_seq, n_tok = int(counts[0].item()), int(counts[1].item())
 
         # 3. log-probs that stay fixed during the step (only when they are needed)
-        if gc.num_iterations > 1 or ref is not None:
+        def fixed(fn) -> torch.Tensor:
+            width, out = batch.completion_ids.size(1), []
             with torch.no_grad():
-                olds, refs = [], []
                 for s in range(0, rows_local, gc.micro_batch_size):
                     mb = batch.slice(s, s + gc.micro_batch_size)
-                    width = batch.completion_ids.size(1)
-                    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.size(1)))  # noqa: E731
-                    if gc.num_iterations > 1:
-                        olds.append(pad(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                                           mb.completion_mask, ro.temperature)[0]))
-                    if ref is not None:
-                        refs.append(pad(completion_logprobs(ref, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                                           mb.completion_mask, ro.temperature)[0].float()))
-                batch.old_logp = torch.cat(olds) if olds else None
-                batch.ref_logp = torch.cat(refs) if refs else None
+                    lp = fn(mb)[0].float()
+                    out.append(torch.nn.functional.pad(lp, (0, width - lp.size(1))))
+            return torch.cat(out)
+
+        args = lambda mb: (mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask, ro.temperature)  # noqa: E731
+        if gc.num_iterations > 1:
+            batch.old_logp = fixed(lambda mb: model(*args(mb), group_size=group))
+        if ref is not None:
+            batch.ref_logp = fixed(lambda mb: completion_logprobs(ref, *args(mb), group_size=group))
         elif gc.beta > 0:  # LoRA: the reference is the model with its adapters switched off
-            with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
-                batch.ref_logp = torch.cat([
-                    torch.nn.functional.pad(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                                                mb.completion_mask, ro.temperature)[0],
-                                            (0, batch.completion_ids.size(1) - mb.completion_ids.size(1)))
-                    for mb in (batch.slice(s, s + gc.micro_batch_size) for s in range(0, rows_local, gc.micro_batch_size))])
+            with lm_of(acc, model).disable_adapter():
+                batch.ref_logp = fixed(lambda mb: model(*args(mb), group_size=group))
 
         # 4. optimise: num_iterations passes, each = gas micro-batches = one optimizer step
         t_train = time.time()
@@ -245,8 +251,7 @@ def train_grpo_stage(job: StageJob) -> dict:
             for s in range(0, rows_local, gc.micro_batch_size):
                 mb = batch.slice(s, s + gc.micro_batch_size)
                 with acc.accumulate(model):
-                    logp, ent = completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                                    mb.completion_mask, ro.temperature, with_entropy=True)
+                    logp, ent = model(*args(mb), with_entropy=True, group_size=group)
                     tok_loss, st = per_token_loss(logp, mb.old_logp, mb.advantages, epsilon_low=gc.epsilon,
                                                   epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp)
                     loss = aggregate(tok_loss, mb.loss_mask, num_sequences=n_seq, num_tokens=n_tok,

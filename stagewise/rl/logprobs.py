@@ -32,23 +32,64 @@ def entropy_from_logits(logits: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                        completion_mask: torch.Tensor, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log pi(completion token | prefix) for each completion position.
+def completion_logits(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """Logits at the positions that predict each completion token: (B, C, V).
 
-    prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded -> logp (B, C), entropy (B, C)|None.
-    Only the C positions that predict completion tokens get logits (``logits_to_keep``): the
-    prompt's positions never reach the vocabulary projection.
+    prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded. Only the C predicting
+    positions reach the vocabulary projection (``logits_to_keep``), never the prompt's.
+
+    group_size > 1 (rows come in groups of G that share one prompt, as in GRPO): the prompt is
+    run once per group and its KV cache repeated G times; the completions then attend to it.
+    Gradients flow through the repeated cache (autograd sums them), so the result equals the
+    plain forward while the prompt costs 1/G as much. With ~44 prompt tokens (chat template)
+    and <= 16 completion tokens this is most of a step's training compute.
     """
+    C = completion_ids.size(1)
+    if group_size > 1:
+        p_ids, p_mask = prompt_ids[::group_size], prompt_mask[::group_size]
+        p_pos = position_ids_from_mask(p_mask)
+        out = lm(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        first = out.logits[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts completion token 0
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        pos = p_pos[:, -1:].repeat_interleave(group_size, dim=0) + 1 + torch.arange(C, device=prompt_ids.device)
+        rest = lm(input_ids=completion_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                  use_cache=True, logits_to_keep=C).logits[:, :-1, :]
+        return torch.cat([first, rest.to(first.dtype)], dim=1)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    C = completion_ids.size(1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                logits_to_keep=C + 1, use_cache=False)
-    logits = out.logits[:, :-1, :]  # position t predicts token t+1: drop the last
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+             logits_to_keep=C + 1, use_cache=False)
+    return out.logits[:, :-1, :]  # position t predicts token t+1: drop the last
+
+
+def completion_logprobs(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                        group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log pi(completion token | prefix): logp (B, C) fp32, and entropy (B, C) (no grad) or None."""
+    logits = completion_logits(lm, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
     if temperature != 1.0:
         logits = logits / temperature
     logp = selective_logprobs(logits, completion_ids)
     ent = entropy_from_logits(logits.detach()) if with_entropy else None
     return logp, ent
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """The causal LM wrapped so that one ``forward`` call returns completion log-probs.
+
+    This is the module handed to ``accelerator.prepare``: DDP / DeepSpeed / FSDP then see a single
+    forward per micro-batch even when the shared-prompt path runs the LM twice inside it.
+    The HF model is ``.lm`` (exported and used for sampling as is).
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                with_entropy: bool = False, group_size: int = 1):
+        return completion_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                   temperature, with_entropy, group_size)

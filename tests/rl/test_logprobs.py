@@ -31,3 +31,24 @@ def test_completion_logprobs_match_a_full_forward(tiny):
             logits = model(input_ids=full).logits[0]
             ref = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, comp[:, None]).squeeze(-1)
             assert torch.allclose(lp[r, :len(comp)], ref, atol=1e-5)
+
+
+def test_shared_prompt_path_matches_plain_forward_and_gradients(tiny):
+    model, tok = tiny
+    p_ids, p_mask = encode_prompts(tok, ["a prompt", "another, longer prompt"])
+    G = 3
+    p_ids, p_mask = p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0)
+    torch.manual_seed(1)
+    c_ids = torch.randint(0, 200, (2 * G, 4))
+    c_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] * 2)
+    grads = []
+    for g in (1, G):
+        model.zero_grad()
+        lp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=g)
+        (lp * c_mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if g == 1:
+            plain = lp.detach()
+    assert torch.allclose(lp.detach() * c_mask, plain * c_mask, atol=1e-5)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
