@@ -147,6 +147,7 @@ class LoggingConfig(_Part):
     log_every: int = Field(1, gt=0)
     tensorboard: bool = True
     progress: bool = True
+    dump_rollouts: bool = False  # rank 0 appends every completion, reward and advantage to rollouts.jsonl
 
 
 class CheckpointConfig(_Part):

@@ -101,6 +101,10 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
 
     out = Path(cfg.output_dir)
     world = runtime.world_size_from_env()
+    dist, note = runtime.resolve_strategy(cfg.dist, world)
+    if note:
+        cfg = cfg.model_copy(update={"dist": dist})
+        print0(f"[stagewise] {note}")
     runtime.check(cfg.dist, world)
     gas = check_shapes(cfg, world)
     if not resume and (out / STATE).exists():

@@ -43,6 +43,29 @@ def _ensure_process_group_env() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
 
 
+def resolve_strategy(dist: DistConfig, world_size: int) -> tuple[DistConfig, str | None]:
+    """Let a launch profile decide: `accelerate launch --config_file deepspeed_zero3.yaml` runs
+    ZeRO-3 even if the run config says `single`. Returns (dist, note or None)."""
+    env = os.environ
+    upd: dict = {}
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not dist.strategy.startswith("zero"):
+        upd["strategy"] = f"zero{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+        opt_dev = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+        par_dev = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+        if par_dev not in ("none", "") and upd["strategy"] == "zero3":
+            upd.update(offload="optimizer_and_params", offload_device=par_dev)
+        elif opt_dev not in ("none", ""):
+            upd.update(offload="optimizer", offload_device=opt_dev)
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and dist.strategy != "fsdp":
+        upd["strategy"] = "fsdp"
+    elif world_size > 1 and dist.strategy == "single":
+        upd["strategy"] = "ddp"
+    if not upd:
+        return dist, None
+    new = DistConfig.model_validate({**dist.model_dump(), **upd})
+    return new, f"dist.strategy={dist.strategy} -> {new.strategy} (from the launcher)"
+
+
 def check(dist: DistConfig, world_size: int) -> None:
     cpu = on_cpu(dist)
     if dist.strategy == "fsdp" and cpu:
@@ -50,8 +73,6 @@ def check(dist: DistConfig, world_size: int) -> None:
                           "on CPU use ddp or zero1/zero2/zero3")
     if dist.mixed_precision == "fp16" and cpu:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    if dist.strategy == "single" and world_size > 1:
-        raise ConfigError(f"dist.strategy=single but {world_size} processes were launched; use ddp, fsdp or zero1/2/3")
 
 
 def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, max_grad_norm: float,

@@ -133,6 +133,34 @@ def lm_of(accelerator, model, keep_fp32_wrapper: bool = True):
     return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper).lm
 
 
+def log_sharding(acc, model, job: StageJob) -> None:
+    """Record which fraction of the parameters each rank holds (1/N under ZeRO-3, 1 otherwise)."""
+    local = total = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a 1/N shard in p.ds_tensor
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += full
+    fractions = acc.gather(torch.tensor([local / max(total, 1)], device=acc.device)).cpu().tolist()
+    job.tracker.log({"stage": job.index + 1, "param_fraction_per_rank": fractions, "params_total": total},
+                    step=job.global_step_offset)
+
+
+def dump_rollouts(acc, job: StageJob, step: int, batch: RolloutBatch, mine, G: int) -> None:
+    """rollouts.jsonl on rank 0: every completion of the step, gathered from all processes."""
+    from accelerate.utils import gather_object
+
+    rows = [{"prompt": ex["prompt"], "domain": dom.name, "completion": batch.texts[g * G + j],
+             "reward": batch.rewards[g * G + j].item(), "advantage": batch.advantages[g * G + j].item()}
+            for g, (dom, ex) in enumerate(mine) for j in range(G)]
+    rows = gather_object(rows)
+    if acc.is_main_process:
+        import json
+
+        with (job.out_dir.parent / "rollouts.jsonl").open("a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"stage": job.index + 1, "step": step, **r}) + "\n")
+
+
 def make_all_done(accelerator, zero3: bool):
     """Under ZeRO-3 all ranks must decode the same number of steps (the synced_gpus role)."""
     if not zero3 or accelerator.num_processes == 1:
@@ -189,6 +217,7 @@ def train_grpo_stage(job: StageJob) -> dict:
     if job.resume and (ckpt := latest_checkpoint(job.out_dir)) is not None:
         load_checkpoint(acc, ckpt)
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
+    log_sharding(acc, model, job)
     weights = RolloutWeights(acc, model, ro.engine, cfg.dist.strategy, cfg.dist.mixed_precision)
     weights.refresh()
     all_done = make_all_done(acc, cfg.dist.strategy == "zero3")
@@ -299,6 +328,8 @@ def train_grpo_stage(job: StageJob) -> dict:
             "step_time": step_time, "gen_time": t_gen, "train_time": t_train,
             "tokens_per_s": gen_tokens / step_time, "completions_per_s": all_rewards.numel() / step_time,
         }
+        if cfg.logging.dump_rollouts:
+            dump_rollouts(acc, job, counters.step, batch, mine, G)
         job.curve.append(metrics["reward"])
         if counters.step % cfg.logging.log_every == 0 or counters.step == total_steps:
             job.tracker.log(metrics, step=job.global_step_offset + counters.step)

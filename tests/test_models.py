@@ -1,0 +1,70 @@
+import time
+
+import pytest
+import torch
+
+from stagewise.config import LoraConfig, ModelConfig
+from stagewise.errors import ModelLoadError
+from stagewise.models import load_model, load_model_and_tokenizer, resolve_model_path
+
+
+def test_local_dir_loads_with_dtype(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
+    assert next(model.parameters()).dtype == torch.bfloat16 and tok.pad_token is not None
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("/no/such/dir", "path not found"),
+    ("./missing/model.gguf", "GGUF file not found"),
+    ("bundled:nope", "unknown bundled model"),
+])
+def test_missing_model_is_a_clear_error(path, fragment):
+    with pytest.raises(ModelLoadError, match=fragment):
+        resolve_model_path(path)
+
+
+def test_dir_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_hub_id_not_in_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="local HF cache|cannot load"):
+        load_model(resolve_model_path("someone/not-cached-model"), ModelConfig())
+
+
+def test_lora_and_gradient_checkpointing(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(r=4, alpha=8), gradient_checkpointing=True)
+    model = load_model(str(tiny_model_dir), cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    inner = model.base_model.model
+    assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
+
+
+@pytest.mark.slow
+def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path / "cache"))
+    t0 = time.time()
+    model, tok = load_model_and_tokenizer(ModelConfig())
+    first = time.time() - t0
+    t0 = time.time()
+    model2, tok2 = load_model_and_tokenizer(ModelConfig())
+    second = time.time() - t0
+    print(f"\nbundled SmolLM2-135M: first load (convert + cache) {first:.1f} s, second load {second:.2f} s")
+    assert second < 3.0
+    assert list((tmp_path / "cache" / "gguf").glob("*/model.safetensors"))
+    assert model.config.num_hidden_layers == 30 and tok.chat_template
+    for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(a, b), n
+    # a real instruct model: it answers a trivial question
+    from stagewise.rl.prompts import encode_prompts, eos_ids
+    from stagewise.rl.sampling import sample
+
+    ids, mask = encode_prompts(tok, ["What is the capital of France?"])
+    out, cmask, _ = sample(model, ids, mask, max_new_tokens=12, eos_token_ids=eos_ids(tok),
+                           pad_token_id=tok.pad_token_id, greedy=True)
+    assert "Paris" in tok.decode(out[0][cmask[0].bool()])
