@@ -98,6 +98,8 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, extra: dict
         if hasattr(unwrapped, "lm"):  # our PolicyLogprobs wrapper: export the HF model inside
             unwrapped = unwrapped.lm
             state_dict = {k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        if getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False):
+            state_dict.pop("lm_head.weight", None)  # tied: a gathered ZeRO-3 dict holds it twice
         if hasattr(unwrapped, "merge_and_unload"):  # peft: export merged weights, not adapters
             import copy
 

@@ -135,6 +135,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+@contextmanager
+def replicated_init():
+    """Build a plain, full model even while a ZeRO-3 run is active.
+
+    Under ZeRO-3 transformers' from_pretrained partitions parameters at creation (zero.Init); a
+    model used outside the DeepSpeed engine (evaluation, the KL reference) must not be.
+    """
+    try:
+        from transformers.integrations import deepspeed as hfds
+    except ImportError:
+        yield
+        return
+    saved = getattr(hfds, "_hf_deepspeed_config_weak_ref", None)
+    hfds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hfds._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 

@@ -25,7 +25,7 @@ from stagewise.config import RunConfig, dump_config
 from stagewise.domains import Domain, build_domain
 from stagewise.errors import ConfigError, StagewiseError
 from stagewise.evaluation import evaluate_domain
-from stagewise.models import load_model, load_tokenizer, resolve_model_path
+from stagewise.models import load_model, load_tokenizer, replicated_init, resolve_model_path
 from stagewise.continual.metrics import continual_metrics
 from stagewise.dist import runtime
 from stagewise.rl.grpo import StageJob, make_all_done, train_grpo_stage
@@ -74,8 +74,9 @@ def evaluate_row(acc, cfg: RunConfig, tok, weights_path: str, domains: list[Doma
                  label: str, step: int) -> tuple[list[float], dict]:
     """Greedy held-out accuracy of every domain for the weights at ``weights_path`` (collective)."""
     dtype = torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32
-    model = load_model(weights_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                       dtype=dtype).to(acc.device).eval()
+    with replicated_init():
+        model = load_model(weights_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
+                           dtype=dtype).to(acc.device).eval()
     all_done = make_all_done(acc, False)
     row, samples = [], {}
     t0 = time.time()

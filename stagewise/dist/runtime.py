@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 
 from stagewise.config import DistConfig
 from stagewise.errors import ConfigError
 from stagewise.dist import deepspeed_config as dsc
+
+
+# DeepSpeed 0.19 still calls the tensor collectives torch 2.13 deprecates: one warning per call.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
 def on_cpu(dist: DistConfig) -> bool:

@@ -30,7 +30,7 @@ import torch
 from stagewise.checkpoint import Counters, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from stagewise.config import RunConfig
 from stagewise.domains import Domain
-from stagewise.models import load_model
+from stagewise.models import load_model, replicated_init
 from stagewise.registry import lookup
 from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
@@ -210,8 +210,10 @@ def train_grpo_stage(job: StageJob) -> dict:
     # prompts shared by a group are run once per micro-batch when groups are not split
     group = G if (gc.shared_prompt and gc.micro_batch_size % G == 0 and not cfg.model.gradient_checkpointing) else 1
     if gc.beta > 0 and not is_lora:
-        ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                         dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32).to(acc.device).eval()
+        with replicated_init():
+            ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
+                             dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32)
+        ref = ref.to(acc.device).eval()
     counters = job.counters
     counters.step, counters.samples = 0, 0
     if job.resume and (ckpt := latest_checkpoint(job.out_dir)) is not None:
