@@ -62,8 +62,10 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
     out = Path(out)
     state = json.loads((out / "curriculum.json").read_text())
     n = len(cfg.stages)
-    R = [state["rows"][str(k)] for k in range(n + 1) if str(k) in state["rows"]]
-    labels = ["base"] + [f"after {i + 1}: {'+'.join(s.domains)}" for i, s in enumerate(cfg.stages)][: len(R) - 1]
+    present = [k for k in range(n + 1) if str(k) in state["rows"]]
+    R = [state["rows"][str(k)] for k in present]
+    all_labels = ["base"] + [f"after {i + 1}: {'+'.join(s.domains)}" for i, s in enumerate(cfg.stages)]
+    labels = [all_labels[k] for k in present]
     metrics = None
     if len(R) == n + 1:
         own = [[domain_names.index(d) for d in s.domains] for s in cfg.stages]

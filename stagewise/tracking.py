@@ -98,6 +98,11 @@ class StepProgress:
 
     def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0):
         self.on = enabled and is_main()
+        # not a terminal (CI, `| tee`, nohup): a live bar would only show at the end; print lines
+        self.plain = self.on and not _console.is_terminal
+        self.total, self.done, self.start, self.desc, self.t0 = total, start, start, description, time.time()
+        if self.plain:
+            return
         if self.on:
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -106,10 +111,20 @@ class StepProgress:
             self.bar.start()
 
     def update(self, advance: int = 1, **info) -> None:
-        if self.on:
-            text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-            self.bar.update(self.task, advance=advance, info=text)
+        if not self.on:
+            return
+        text = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        self.done += advance
+        if self.plain:
+            every = max(1, self.total // 10)
+            if self.done % every == 0 or self.done == self.total:
+                el = time.time() - self.t0
+                eta = el / max(self.done - self.start, 1) * (self.total - self.done)
+                _console.print(f"{self.desc} {self.done}/{self.total}  {text}  elapsed {el:.0f}s  ETA {eta:.0f}s",
+                               markup=False)
+            return
+        self.bar.update(self.task, advance=advance, info=text)
 
     def close(self) -> None:
-        if self.on:
+        if self.on and not self.plain:
             self.bar.stop()

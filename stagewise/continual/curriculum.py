@@ -99,7 +99,9 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
                    stop_after: int | None = None) -> dict:
     """Run (or continue) every stage; returns {"matrix", "metrics", "stopped"}."""
     from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars: our own bar shows progress
     out = Path(cfg.output_dir)
     world = runtime.world_size_from_env()
     dist, note = runtime.resolve_strategy(cfg.dist, world)
@@ -193,7 +195,8 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
 
         result = {"stopped": stopped, "output_dir": str(out)}
         if not stopped:
-            rows = [state["rows"][str(k)] for k in range(len(cfg.stages) + 1) if str(k) in state["rows"]]
+            present = [k for k in range(len(cfg.stages) + 1) if str(k) in state["rows"]]
+            rows = [state["rows"][str(k)] for k in present]
             result["matrix"] = rows
             if len(rows) == len(cfg.stages) + 1:
                 own = [[[d.name for d in domains].index(n) for n in st.domains] for st in cfg.stages]
@@ -207,7 +210,7 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
                 from stagewise.report import write_report
 
                 write_report(out, cfg, [d.name for d in domains])
-                print_matrix(cfg, [d.name for d in domains], rows, result.get("metrics"))
+                print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"))
         else:
             print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
         tracker.close()
@@ -218,7 +221,8 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             torch.distributed.barrier()
 
 
-def print_matrix(cfg: RunConfig, names: list[str], rows: list[list[float]], metrics: dict | None) -> None:
+def print_matrix(cfg: RunConfig, names: list[str], present: list[int], rows: list[list[float]],
+                 metrics: dict | None) -> None:
     from rich.table import Table
 
     from stagewise.tracking import _console
@@ -228,7 +232,7 @@ def print_matrix(cfg: RunConfig, names: list[str], rows: list[list[float]], metr
     for n in names:
         t.add_column(n, justify="right")
     labels = ["base"] + [f"stage {i + 1} ({'+'.join(s.domains)})" for i, s in enumerate(cfg.stages)]
-    for lab, row in zip(labels, rows):
+    for lab, row in zip([labels[k] for k in present], rows):
         t.add_row(lab, *(f"{x:.3f}" for x in row))
     _console.print(t)
     if metrics:

@@ -26,21 +26,34 @@ def add(spec: DomainSpec, seed: int) -> Domain:
     return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
 
 
-# Two phrasings, alternating by item: the bundled model answers the first ~15% and the second
-# ~47% of the time (greedy, "only the right number named"), so the domain starts near 0.3.
+# Two phrasings, alternating by item. The bundled model names only the right number for ~15% /
+# ~47% (larger) and ~21% / ~66% (smaller) of them under greedy decoding: a domain starts near 0.3-0.5.
 MAX_TEMPLATES = ["Which number is larger, {a} or {b}?" + ANSWER_ONLY,
                  "Pick the larger number: {a} or {b}." + ANSWER_ONLY]
+MIN_TEMPLATES = ["Which number is smaller, {a} or {b}?" + ANSWER_ONLY,
+                 "Pick the smaller number: {a} or {b}." + ANSWER_ONLY]
+
+
+def _choose_one(spec: DomainSpec, seed: int, pick, templates: list[str]) -> Domain:
+    """Two distinct numbers in [lo, hi]; the answer is pick(a, b); correct = only it is named."""
+    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 99)
+    templates = spec.args.get("templates", templates)
+    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if a != b]
+    make = lambda a, b: {"prompt": templates[(a * 7 + b) % len(templates)].format(a=a, b=b),  # noqa: E731
+                          "answer": str(pick(a, b)), "options": [a, b]}
+    return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")
 
 
 @register("domain", "max")
 def larger(spec: DomainSpec, seed: int) -> Domain:
     """'Which is larger, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99, templates=[...])."""
-    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 99)
-    templates = spec.args.get("templates", MAX_TEMPLATES)
-    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if a != b]
-    make = lambda a, b: {"prompt": templates[(a * 7 + b) % len(templates)].format(a=a, b=b),  # noqa: E731
-                          "answer": str(max(a, b)), "options": [a, b]}
-    return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")
+    return _choose_one(spec, seed, max, MAX_TEMPLATES)
+
+
+@register("domain", "smaller")
+def smaller(spec: DomainSpec, seed: int) -> Domain:
+    """'Which is smaller, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99, templates=[...])."""
+    return _choose_one(spec, seed, min, MIN_TEMPLATES)
 
 
 @register("domain", "sub")
@@ -67,19 +80,3 @@ def successor(spec: DomainSpec, seed: int) -> Domain:
     lo, hi = spec.args.get("lo", 10), spec.args.get("hi", 999)
     make = lambda n: {"prompt": f"What number comes right after {n}?{ANSWER_ONLY}", "answer": str(n + 1)}  # noqa: E731
     return _arith(spec, seed, [(n,) for n in range(lo, hi + 1)], make, [("last_number", 1.0), ("concise", 0.2)])
-
-
-# As for max: the bundled model gets ~21% / ~66% of these two phrasings right (greedy).
-MIN_TEMPLATES = ["Which number is smaller, {a} or {b}?" + ANSWER_ONLY,
-                 "Pick the smaller number: {a} or {b}." + ANSWER_ONLY]
-
-
-@register("domain", "smaller")
-def smaller(spec: DomainSpec, seed: int) -> Domain:
-    """'Which is smaller, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99, templates=[...])."""
-    lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 99)
-    templates = spec.args.get("templates", MIN_TEMPLATES)
-    items = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if a != b]
-    make = lambda a, b: {"prompt": templates[(a * 7 + b) % len(templates)].format(a=a, b=b),  # noqa: E731
-                          "answer": str(min(a, b)), "options": [a, b]}
-    return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")

@@ -76,3 +76,21 @@ def test_cli_run_writes_resolved_config(tiny_model_dir, tmp_path):
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.01 and saved["rollout"]["max_new_tokens"] == 3 and saved["ablation"] == "hi_lr"
     assert "accuracy matrix" in r.stdout
+
+
+def test_continual_command_runs_builtin_three_domains(tiny_model_dir, tmp_path):
+    """The seed's command: `stagewise continual --model M --tasks-per-domain N` (small sizes here)."""
+    out = tmp_path / "cont"
+    r = subprocess.run([sys.executable, "-m", "stagewise", "continual", "--model", str(tiny_model_dir),
+                        "--tasks-per-domain", "2", "--output-dir", str(out), "rollout.max_new_tokens=3",
+                        "rollout.prompts_per_step=2", "rollout.num_generations=2", "grpo.micro_batch_size=4",
+                        "eval.max_new_tokens=3", "domains.0.eval_size=4", "domains.1.eval_size=4",
+                        "domains.2.eval_size=4", "logging.progress=false", "dist.mixed_precision=no"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert [s["tasks_per_domain"] for s in saved["stages"]] == [2, 2, 2]
+    assert [s["domains"] for s in saved["stages"]] == [["add"], ["max"], ["smaller"]]
+    state = json.loads((out / "curriculum.json").read_text())
+    assert sorted(state["rows"]) == ["0", "1", "2", "3"]
+    assert all(res["steps"] == 1 for res in state["stage_results"].values())  # ceil(2 * 1 / 2)

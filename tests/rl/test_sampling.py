@@ -25,6 +25,19 @@ def test_draw_tokens_inverse_cdf():
     assert draw_tokens(probs, u).tolist() == [0, 0, 2, 3]  # never the zero-probability token 1
 
 
+class EditLogits(torch.nn.Module):
+    """Wraps a model and adds `delta` to one token's logit (forces or forbids it)."""
+
+    def __init__(self, model, token: int, delta: float):
+        super().__init__()
+        self.m, self.token, self.delta = model, token, delta
+
+    def forward(self, **kw):
+        out = self.m(**kw)
+        out.logits[..., self.token] += self.delta
+        return out
+
+
 def _prompts(tok, texts):
     return encode_prompts(tok, texts)
 
@@ -60,16 +73,7 @@ def test_greedy_matches_hf_generate_and_stops_at_eos(tiny):
     with torch.no_grad():
         model.lm_head.weight.zero_()
         model.lm_head.weight[tok.eos_token_id] = 0  # (tied: also zeros the embedding row)
-    class Bias(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, **kw):
-            out = self.m(**kw)
-            out.logits[..., tok.eos_token_id] += 100.0
-            return out
-    out, cmask, trunc = sample(Bias(model), ids, mask, max_new_tokens=5, eos_token_ids=eos_ids(tok),
+    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, 100.0), ids, mask, max_new_tokens=5, eos_token_ids=eos_ids(tok),
                                pad_token_id=tok.pad_token_id, greedy=True)
     assert cmask.tolist() == [[1], [1]] and out[:, 0].tolist() == [tok.eos_token_id] * 2
     assert trunc.tolist() == [False, False]
@@ -79,15 +83,6 @@ def test_truncated_flag_when_no_eos(tiny):
     model, tok = tiny
     ids, mask = _prompts(tok, ["x"])
 
-    class NoEos(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, **kw):
-            out = self.m(**kw)
-            out.logits[..., tok.eos_token_id] = -math.inf
-            return out
-    out, cmask, trunc = sample(NoEos(model), ids, mask, max_new_tokens=4, eos_token_ids=eos_ids(tok),
+    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, -math.inf), ids, mask, max_new_tokens=4, eos_token_ids=eos_ids(tok),
                                pad_token_id=tok.pad_token_id, num_samples=2, seeds=[0, 1])
     assert cmask.tolist() == [[1, 1, 1, 1]] * 2 and trunc.tolist() == [True, True]
