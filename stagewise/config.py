@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stagewise.errors import ConfigError
 
@@ -90,6 +90,14 @@ class DistConfig(_Part):
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     deepspeed_config: str | None = None  # a user JSON, checked against the run
     cpu: bool | None = None  # None: use a GPU when one is visible
+
+    @field_validator("mixed_precision", "offload", mode="before")
+    @classmethod
+    def _yaml_no(cls, v, info):
+        # YAML 1.1 reads a bare `no` / `none` as False / None
+        if v is False or v is None:
+            return "no" if info.field_name == "mixed_precision" else "none"
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DistConfig:

@@ -165,8 +165,10 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
         raise ModelLoadError(f"model.name_or_path={path}: cannot load model "
                              f"({str(e).splitlines()[0][:200]}); offline, a hub id must be in the local HF cache") from None
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora is not None:
         from peft import LoraConfig as PeftLora, get_peft_model

@@ -92,3 +92,10 @@ def test_cli_bad_config_is_one_line_nonzero(tmp_path, args, fragment):
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(fragment), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_yaml_bare_no_means_no(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["dist.mixed_precision=no"])
+    assert cfg.dist.mixed_precision == "no"
+    raw = {**BASE, "dist": {"mixed_precision": False, "offload": None}}
+    assert load_config(write(tmp_path, raw)).dist.offload == "none"

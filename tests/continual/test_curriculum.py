@@ -90,7 +90,7 @@ def test_continual_command_runs_builtin_three_domains(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert [s["tasks_per_domain"] for s in saved["stages"]] == [2, 2, 2]
-    assert [s["domains"] for s in saved["stages"]] == [["add"], ["max"], ["smaller"]]
+    assert [s["domains"] for s in saved["stages"]] == [["add"], ["max"], ["sub"]]
     state = json.loads((out / "curriculum.json").read_text())
     assert sorted(state["rows"]) == ["0", "1", "2", "3"]
     assert all(res["steps"] == 1 for res in state["stage_results"].values())  # ceil(2 * 1 / 2)

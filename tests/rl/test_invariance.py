@@ -28,3 +28,14 @@ def test_micro_batch_times_accumulation_invariance(tiny_model_dir, tmp_path, los
             assert torch.allclose(finals[0][k], other[k], atol=1e-6, rtol=0), k
     base = load_weights(tiny_model_dir)
     assert any(not torch.equal(finals[0][k], base[k]) for k in base)
+
+
+def test_gradient_checkpointing_trains_the_same(tiny_model_dir, tmp_path):
+    finals = []
+    for gc in (False, True):
+        out = tmp_path / f"gc{gc}"
+        run_curriculum(tiny_config(tiny_model_dir, out, stages=1, steps=2, overrides=[
+            f"model.gradient_checkpointing={str(gc).lower()}", "eval.before_first_stage=false"]))
+        finals.append(load_weights(out / "final_model"))
+    for k in finals[0]:
+        assert torch.allclose(finals[0][k], finals[1][k], atol=1e-6, rtol=0), k
