@@ -111,6 +111,9 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
             ds = expected
         if state.is_main_process:
             dsc.write_config(ds, output_dir, dist.strategy)
+        # A launch profile's DeepSpeed fields were read by resolve_strategy (stage, offload); the
+        # JSON above is complete, so tell accelerate not to expect them from the profile.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         return Accelerator(deepspeed_plugin=plugin, mixed_precision=dist.mixed_precision, **common)
     if dist.strategy == "fsdp":

@@ -63,6 +63,22 @@ class StageJob:
 # --- pieces the loop uses ----------------------------------------------------------------------
 
 
+def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, all_rewards: torch.Tensor, group_size: int,
+              lo: int, hi: int, *, drop_zero_variance: bool, mask_truncated: bool) -> torch.Tensor:
+    """Which completion tokens of this process's rows [lo, hi) enter the loss.
+
+    completion_mask (B, C), truncated (B,), all_rewards (B_global,) -> (B, C) float.
+    A row is dropped whole when its group has zero reward variance (dynamic sampling) or when it
+    hit max_new_tokens without EOS (mask_truncated_completions).
+    """
+    keep = torch.ones(hi - lo, dtype=torch.bool)
+    if drop_zero_variance:
+        keep &= ~zero_variance_groups(all_rewards, group_size)[lo:hi]
+    if mask_truncated:
+        keep &= ~truncated.cpu()
+    return (completion_mask * keep[:, None].to(completion_mask.device)).float()
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     """Multiplier of the base lr at optimizer step s: linear warmup, then cosine/linear/constant."""
 
@@ -243,15 +259,11 @@ def train_grpo_stage(job: StageJob) -> dict:
         # 2. advantages on the gathered rewards: a group's rows are never normalised apart
         all_rewards = acc.gather(batch.rewards.to(acc.device)).cpu()
         adv_all, adv_stats = advantage_fn(all_rewards, G)
-        keep_all = torch.ones_like(all_rewards, dtype=torch.bool)
-        if gc.drop_zero_variance_groups:
-            keep_all = ~zero_variance_groups(all_rewards, G)
         lo, hi = rank * rows_local, (rank + 1) * rows_local
         batch.advantages = adv_all[lo:hi].to(acc.device)
-        keep = keep_all[lo:hi]
-        if ro.mask_truncated_completions:
-            keep = keep & ~batch.truncated.cpu()
-        batch.loss_mask = (batch.completion_mask * keep[:, None].to(batch.completion_mask.device)).float()
+        batch.loss_mask = loss_mask(batch.completion_mask, batch.truncated, all_rewards, G, lo, hi,
+                                    drop_zero_variance=gc.drop_zero_variance_groups,
+                                    mask_truncated=ro.mask_truncated_completions)
         counts = acc.reduce(torch.tensor([float((batch.loss_mask.sum(-1) > 0).sum()), float(batch.loss_mask.sum())],
                                          device=acc.device), reduction="sum")
         n_seq, n_tok = int(counts[0].item()), int(counts[1].item())

@@ -170,3 +170,20 @@ def test_other_launchers_run_the_same_config(runs, tiny_model_dir, launcher, str
     cfg = write_cfg(tmp, tiny_model_dir, f"{launcher}_{strategy}")
     launch(cfg, strategy, launcher=launcher)
     assert_same_weights(out[strategy], tmp / f"{launcher}_{strategy}", atol=1e-6)
+
+
+@pytest.mark.parametrize("profile, strategy", [("deepspeed_zero2.yaml", "zero2"), ("multi_gpu_ddp.yaml", "ddp")])
+def test_launch_profiles_work_with_plain_accelerate_launch(runs, tiny_model_dir, profile, strategy):
+    """`accelerate launch --config_file accelerate_configs/X.yaml -m stagewise run cfg` with a config
+    that says `single`: the profile decides the strategy."""
+    tmp, out = runs
+    cfg = write_cfg(tmp, tiny_model_dir, f"profile_{strategy}")
+    root = Path(__file__).resolve().parents[2]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(root / "accelerate_configs" / profile),
+           "--main_process_port", str(free_port()), "-m", "stagewise", "run", str(cfg)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"dist.strategy=single -> {strategy} (from the launcher)" in r.stdout
+    assert yaml.safe_load((tmp / f"profile_{strategy}" / "config.yaml").read_text())["dist"]["strategy"] == strategy
+    assert_same_weights(out[strategy], tmp / f"profile_{strategy}", atol=1e-6)
