@@ -32,7 +32,7 @@ def plot_rewards(rows: list[dict], path: Path) -> bool:
         pts = [(r["step"], r["reward"]) for r in steps if r["stage"] == stage]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"stage {stage}")
     ax.set_xlabel("global step")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel("mean reward (weighted sum)")
     ax.set_title("GRPO reward per step")
     ax.grid(alpha=0.3)
     ax.legend()

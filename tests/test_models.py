@@ -45,7 +45,7 @@ def test_lora_and_gradient_checkpointing(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch):
+def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gguf")
     monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path / "cache"))
     t0 = time.time()
@@ -54,7 +54,8 @@ def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch):
     t0 = time.time()
     model2, tok2 = load_model_and_tokenizer(ModelConfig())
     second = time.time() - t0
-    print(f"\nbundled SmolLM2-135M: first load (convert + cache) {first:.1f} s, second load {second:.2f} s")
+    with capsys.disabled():  # shown in the test log on purpose
+        print(f"\nbundled SmolLM2-135M: first load (convert + cache) {first:.1f} s, second load {second:.2f} s")
     assert second < 3.0
     assert list((tmp_path / "cache" / "gguf").glob("*/model.safetensors"))
     assert model.config.num_hidden_layers == 30 and tok.chat_template
