@@ -67,7 +67,7 @@ def check_user_config(user: dict, expected: dict, source: str) -> dict:
                               f"(micro-batch x accumulation x processes); fix one of them")
     for prec in ("bf16", "fp16"):
         want = expected[prec]["enabled"]
-        have = out.get(prec, {}).get("enabled", False)
+        have = out.get(prec, {}).get("enabled", "auto")  # absent = take the run's precision
         if have == "auto":
             out.setdefault(prec, {})["enabled"] = want
         elif bool(have) != want:

@@ -41,7 +41,7 @@ def test_user_config_auto_values_filled_and_disagreements_fail():
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 but the run uses 3"):
         check_user_config({"gradient_accumulation_steps": 1}, expected, "my.json")
     with pytest.raises(ConfigError, match="fp16.enabled=True but dist.mixed_precision asks for no fp16"):
-        check_user_config({"fp16": {"enabled": True}}, expected, "my.json")
+        check_user_config({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, expected, "my.json")
     with pytest.raises(ConfigError, match="bf16.enabled=False"):
         check_user_config({"bf16": {"enabled": False}}, expected, "my.json")
     with pytest.raises(ConfigError, match="zero_optimization.stage=2 but dist.strategy is zero3"):
