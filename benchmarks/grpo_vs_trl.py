@@ -186,7 +186,7 @@ def main() -> None:
         table.append(row)
     print(f"\nGRPO step, SmolLM2-135M, {a.prompts} prompts x G={a.G}, <= {a.max_new_tokens} new tokens, "
           f"{a.steps - 1} timed steps, {os.cpu_count()} CPU cores\n")
-    print(f"| precision | runner | s/step | completions/s | peak RSS MB | vs TRL (speed) | vs raw floor (time) |")
+    print("| precision | runner | s/step | completions/s | peak RSS MB | vs TRL (speed) | vs raw floor (time) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in table:
         trl, sw, fl = row["trl"], row["stagewise"], row["floor"]

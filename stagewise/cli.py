@@ -12,7 +12,6 @@ A user error (bad config, missing file) prints one line ``error: ...`` and exits
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

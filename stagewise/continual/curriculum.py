@@ -120,105 +120,99 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
     by_name = {d.name: d for d in domains}
 
     gc0 = cfg.stage_part(0, "grpo")
-    acc = None
-    base_path = None
-    try:
-        # model conversion (GGUF -> safetensors cache) happens once, before the process group exists
-        # on every rank; the file lock in models.convert_gguf makes concurrent ranks wait for one.
-        base_path = resolve_model_path(cfg.model.name_or_path)
-        from transformers import AutoConfig
+    # model conversion (GGUF -> safetensors cache) happens once, before the process group exists
+    # on every rank; the file lock in models.convert_gguf makes concurrent ranks wait for one.
+    base_path = resolve_model_path(cfg.model.name_or_path)
+    from transformers import AutoConfig
 
-        hidden = getattr(AutoConfig.from_pretrained(base_path), "hidden_size", 1024)
-        acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc0.micro_batch_size,
-                                        max_grad_norm=cfg.stage_part(0, "optim").max_grad_norm, hidden_size=hidden,
-                                        output_dir=str(out), log_with=["tensorboard"] if cfg.logging.tensorboard else None)
-        set_seed(cfg.seed)
+    hidden = getattr(AutoConfig.from_pretrained(base_path), "hidden_size", 1024)
+    acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc0.micro_batch_size,
+                                    max_grad_norm=cfg.stage_part(0, "optim").max_grad_norm, hidden_size=hidden,
+                                    output_dir=str(out), log_with=["tensorboard"] if cfg.logging.tensorboard else None)
+    set_seed(cfg.seed)
+    if acc.is_main_process:
+        if overwrite and not resume:
+            for p in out.glob("*"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    print0(f"[stagewise] {runtime.describe(acc, gc0.micro_batch_size, gas)}")
+    print0(f"[stagewise] model {cfg.model.name_or_path} -> {base_path}; output {out}")
+    tok = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    tracker = Tracker(acc, out, tensorboard=cfg.logging.tensorboard, run_name=cfg.name,
+                      config=cfg.model_dump(mode="json", exclude={"ablations"}))
+    counters = Counters()
+    acc.register_for_checkpointing(counters)
+    state = _load_state(out) if resume else {"rows": {}, "stage_results": {}}
+
+    offset = 0
+    samples = state.get("samples", {})
+    if cfg.eval.before_first_stage and "0" not in state["rows"]:
+        state["rows"]["0"], samples["base"] = evaluate_row(acc, cfg, tok, base_path, domains, tracker, "base", 0)
         if acc.is_main_process:
-            if overwrite and not resume:
-                for p in out.glob("*"):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, out / "config.yaml")
-        acc.wait_for_everyone()
-        print0(f"[stagewise] {runtime.describe(acc, gc0.micro_batch_size, gas)}")
-        print0(f"[stagewise] model {cfg.model.name_or_path} -> {base_path}; output {out}")
-        tok = load_tokenizer(base_path, cfg.model.trust_remote_code)
-        tracker = Tracker(acc, out, tensorboard=cfg.logging.tensorboard, run_name=cfg.name,
-                          config=cfg.model_dump(mode="json", exclude={"ablations"}))
-        counters = Counters()
-        acc.register_for_checkpointing(counters)
-        state = _load_state(out) if resume else {"rows": {}, "stage_results": {}}
-
-        offset = 0
-        samples = state.get("samples", {})
-        if cfg.eval.before_first_stage and "0" not in state["rows"]:
-            state["rows"]["0"], samples["base"] = evaluate_row(acc, cfg, tok, base_path, domains, tracker, "base", 0)
+            _save_state(out, {**state, "samples": samples})
+    prev_path = base_path
+    stopped = False
+    for i, st in enumerate(cfg.stages):
+        sdir = stage_dir(cfg, i)
+        steps = cfg.stage_steps(i)
+        done = is_exported(sdir / "model") and str(i + 1) in state["rows"]
+        if not done:
+            if not is_exported(sdir / "model"):
+                if stop_after is not None and offset >= stop_after:
+                    stopped = True
+                    break
+                gc = cfg.stage_part(i, "grpo")
+                ref_path = None if gc.beta == 0 else (base_path if gc.reference == "base" else prev_path)
+                replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in st.domains]
+                job = StageJob(cfg=cfg, index=i, accelerator=acc, tokenizer=tok,
+                               domains=[by_name[d] for d in st.domains], replay_domains=list(dict.fromkeys(replay)),
+                               init_path=prev_path, ref_path=ref_path, out_dir=sdir, tracker=tracker,
+                               counters=counters, resume=resume and latest_checkpoint(sdir) is not None,
+                               stop_after=None if stop_after is None else stop_after - offset,
+                               global_step_offset=offset)
+                t0 = time.time()
+                print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {st.kind} on {', '.join(st.domains)} "
+                       f"for {steps} steps" + (f", replay {st.replay:.0%}" if st.replay else ""))
+                res = train_grpo_stage(job)
+                if res["stopped"]:
+                    stopped = True
+                    break
+                state["stage_results"][str(i + 1)] = {"steps": steps, "seconds": time.time() - t0,
+                                                      "reward_curve": job.curve}
+            row, samples[f"stage {i + 1}"] = evaluate_row(acc, cfg, tok, str(sdir / "model"), domains, tracker,
+                                                          f"after stage {i + 1}", offset + steps)
+            state["rows"][str(i + 1)] = row
             if acc.is_main_process:
                 _save_state(out, {**state, "samples": samples})
-        prev_path = base_path
-        stopped = False
-        for i, st in enumerate(cfg.stages):
-            sdir = stage_dir(cfg, i)
-            steps = cfg.stage_steps(i)
-            done = is_exported(sdir / "model") and str(i + 1) in state["rows"]
-            if not done:
-                if not is_exported(sdir / "model"):
-                    if stop_after is not None and offset >= stop_after:
-                        stopped = True
-                        break
-                    gc = cfg.stage_part(i, "grpo")
-                    ref_path = None if gc.beta == 0 else (base_path if gc.reference == "base" else prev_path)
-                    replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in st.domains]
-                    job = StageJob(cfg=cfg, index=i, accelerator=acc, tokenizer=tok,
-                                   domains=[by_name[d] for d in st.domains], replay_domains=list(dict.fromkeys(replay)),
-                                   init_path=prev_path, ref_path=ref_path, out_dir=sdir, tracker=tracker,
-                                   counters=counters, resume=resume and latest_checkpoint(sdir) is not None,
-                                   stop_after=None if stop_after is None else stop_after - offset,
-                                   global_step_offset=offset)
-                    t0 = time.time()
-                    print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {st.kind} on {', '.join(st.domains)} "
-                           f"for {steps} steps" + (f", replay {st.replay:.0%}" if st.replay else ""))
-                    res = train_grpo_stage(job)
-                    if res["stopped"]:
-                        stopped = True
-                        break
-                    state["stage_results"][str(i + 1)] = {"steps": steps, "seconds": time.time() - t0,
-                                                          "reward_curve": job.curve}
-                row, samples[f"stage {i + 1}"] = evaluate_row(acc, cfg, tok, str(sdir / "model"), domains, tracker,
-                                                              f"after stage {i + 1}", offset + steps)
-                state["rows"][str(i + 1)] = row
-                if acc.is_main_process:
-                    _save_state(out, {**state, "samples": samples})
-                acc.wait_for_everyone()
-            prev_path = str(sdir / "model")
-            offset += steps
+            acc.wait_for_everyone()
+        prev_path = str(sdir / "model")
+        offset += steps
 
-        result = {"stopped": stopped, "output_dir": str(out)}
-        if not stopped:
-            present = [k for k in range(len(cfg.stages) + 1) if str(k) in state["rows"]]
-            rows = [state["rows"][str(k)] for k in present]
-            result["matrix"] = rows
-            if len(rows) == len(cfg.stages) + 1:
-                own = [[[d.name for d in domains].index(n) for n in st.domains] for st in cfg.stages]
-                result["metrics"] = continual_metrics(rows, own)
-            if acc.is_main_process:
-                final = out / "final_model"
-                shutil.rmtree(final, ignore_errors=True)
-                shutil.copytree(prev_path, final)
-                state["metrics"] = result.get("metrics")
-                _save_state(out, {**state, "samples": samples})
-                from stagewise.report import write_report
+    result = {"stopped": stopped, "output_dir": str(out)}
+    if not stopped:
+        present = [k for k in range(len(cfg.stages) + 1) if str(k) in state["rows"]]
+        rows = [state["rows"][str(k)] for k in present]
+        result["matrix"] = rows
+        if len(rows) == len(cfg.stages) + 1:
+            own = [[[d.name for d in domains].index(n) for n in st.domains] for st in cfg.stages]
+            result["metrics"] = continual_metrics(rows, own)
+        if acc.is_main_process:
+            final = out / "final_model"
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.copytree(prev_path, final)
+            state["metrics"] = result.get("metrics")
+            _save_state(out, {**state, "samples": samples})
+            from stagewise.report import write_report
 
-                write_report(out, cfg, [d.name for d in domains])
-                print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"))
-        else:
-            print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
-        tracker.close()
-        acc.wait_for_everyone()
-        return result
-    finally:
-        if acc is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            write_report(out, cfg, [d.name for d in domains])
+            print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"))
+    else:
+        print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
+    tracker.close()
+    acc.wait_for_everyone()
+    return result
 
 
 def print_matrix(cfg: RunConfig, names: list[str], present: list[int], rows: list[list[float]],

@@ -205,10 +205,6 @@ def make_all_done(accelerator, zero3: bool):
     return all_done
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -376,6 +372,5 @@ def train_grpo_stage(job: StageJob) -> dict:
     bar.close()
     export_model(acc, model, tok, job.out_dir / "model", extra={"stage": job.index, "steps": total_steps})
     result = {"stopped": False, "step": counters.step, "model": str(job.out_dir / "model")}
-    del weights, ref
     acc.free_memory()
     return result
