@@ -38,6 +38,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def record_compute_dtype(model, seen: dict) -> None:
+    """Note the dtype the first Linear layer computes in during a forward with gradients (training,
+    not generation): the table shows each runner's real training precision, not its setting."""
+    import torch
+
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled():
+            seen.setdefault("dtype", str(output.dtype).removeprefix("torch."))
+
+    linear.register_forward_hook(hook)
+
+
 def reward_value(text: str, example: dict) -> float:
     from stagewise.rewards import last_number
 
@@ -67,10 +81,12 @@ def worker_stagewise(a) -> dict:
     }
     run_curriculum(load_config(raw=raw))
     rows = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    compute = next(r["train_compute_dtype"] for r in rows if "train_compute_dtype" in r)
     steps = [r for r in rows if "step_time" in r][1:]
     n_comp = sum(a.prompts * a.G for _ in steps)
     t = sum(r["step_time"] for r in steps)
     return {"s_per_step": t / len(steps), "completions_per_s": n_comp / t, "peak_rss_mb": peak_rss_mb(),
+            "compute_dtype": compute,
             "gen_s": sum(r["gen_time"] for r in steps) / len(steps),
             "train_s": sum(r["train_time"] for r in steps) / len(steps),
             "completion_len": sum(r["completion_len_mean"] for r in steps) / len(steps)}
@@ -87,6 +103,8 @@ def worker_trl(a) -> dict:
     path = resolve_model_path("bundled:smollm2-135m-instruct")
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seen: dict = {}
+    record_compute_dtype(model, seen)
     exs = prompts(a.steps * a.prompts + 1)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": e["prompt"]}], "answer": e["answer"]} for e in exs])
 
@@ -114,7 +132,7 @@ def worker_trl(a) -> dict:
     trainer.train()
     t = times[1:]
     return {"s_per_step": sum(t) / len(t), "completions_per_s": a.prompts * a.G * len(t) / sum(t),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "compute_dtype": seen.get("dtype", "?")}
 
 
 def worker_floor(a) -> dict:
@@ -130,6 +148,8 @@ def worker_floor(a) -> dict:
     path = resolve_model_path("bundled:smollm2-135m-instruct")
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seen: dict = {}
+    record_compute_dtype(model, seen)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.precision == "bf16" else contextlib.nullcontext
     exs = prompts(a.steps * a.prompts + 1)
     res = []
@@ -154,7 +174,8 @@ def worker_floor(a) -> dict:
     res = res[1:]
     gen = sum(r[0] for r in res) / len(res)
     fb = sum(r[1] for r in res) / len(res)
-    return {"s_per_step": gen + fb, "gen_s": gen, "fwd_bwd_s": fb, "peak_rss_mb": peak_rss_mb()}
+    return {"s_per_step": gen + fb, "gen_s": gen, "fwd_bwd_s": fb, "peak_rss_mb": peak_rss_mb(),
+            "compute_dtype": seen.get("dtype", "?")}
 
 
 def main() -> None:
@@ -186,13 +207,15 @@ def main() -> None:
         table.append(row)
     print(f"\nGRPO step, SmolLM2-135M, {a.prompts} prompts x G={a.G}, <= {a.max_new_tokens} new tokens, "
           f"{a.steps - 1} timed steps, {os.cpu_count()} CPU cores\n")
-    print("| precision | runner | s/step | completions/s | peak RSS MB | vs TRL (speed) | vs raw floor (time) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| precision | runner | training computes in | s/step | completions/s | peak RSS MB | vs TRL (speed) "
+          "| vs raw floor (time) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in table:
         trl, sw, fl = row["trl"], row["stagewise"], row["floor"]
         for name, r in (("raw floor", fl), ("stagewise", sw), ("TRL GRPOTrainer", trl)):
             cps = r.get("completions_per_s", a.prompts * a.G / r["s_per_step"])
-            print(f"| {row['precision']} | {name} | {r['s_per_step']:.2f} | {cps:.2f} | {r['peak_rss_mb']:.0f} | "
+            print(f"| {row['precision']} | {name} | {r['compute_dtype']} | {r['s_per_step']:.2f} | {cps:.2f} | "
+                  f"{r['peak_rss_mb']:.0f} | "
                   f"{cps / trl['completions_per_s']:.2f}x | {r['s_per_step'] / fl['s_per_step']:.2f}x |")
     print("\nstagewise split: " + "; ".join(
         f"{row['precision']}: generate {row['stagewise']['gen_s']:.2f} s, train {row['stagewise']['train_s']:.2f} s, "

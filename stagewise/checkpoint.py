@@ -4,8 +4,8 @@ Layout: ``<dir>/checkpoints/step-N/`` holds accelerate's state (model, optimizer
 of every process, registered objects such as the step counters) plus ``manifest.json``. It is
 written as ``.tmp-step-N`` and renamed once complete, so a directory named ``step-N`` is always
 whole; a crash leaves only a ``.tmp-*`` that is ignored and cleaned up. Every process takes part
-in save and load (ZeRO shards are per rank); only the main process renames, prunes and writes
-the manifest.
+in save and load (ZeRO / FSDP shards are per rank); only the main process renames, prunes and
+writes the manifest.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, manifest: dict, keep_last: int = 2) -> Path:
+def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_last: int = 2) -> Path:
     """Collective: every process must call it. Returns the final directory."""
+    accelerator = engine.acc
     base = Path(root) / "checkpoints"
     final, tmp = base / f"step-{step}", base / f".tmp-step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    engine.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {**manifest, "step": step, "saved_at": time.time(), "num_processes": accelerator.num_processes,
@@ -71,48 +72,71 @@ def save_checkpoint(accelerator, root: str | Path, step: int, manifest: dict, ke
     return final
 
 
-def load_checkpoint(accelerator, path: str | Path) -> dict:
+def load_checkpoint(engine, path: str | Path) -> dict:
     """Collective. Restores everything save_checkpoint saved; returns the manifest."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
-    if manifest.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+    if manifest.get("num_processes", engine.acc.num_processes) != engine.acc.num_processes:
         from stagewise.errors import StagewiseError
 
         raise StagewiseError(f"{path}: saved with {manifest['num_processes']} processes, resuming with "
-                             f"{accelerator.num_processes}; resume with the same number")
-    accelerator.load_state(str(path))
+                             f"{engine.acc.num_processes}; resume with the same number")
+    engine.load_state(path)
     return manifest
 
 
-def export_model(accelerator, model, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
+def export_model(engine, tokenizer, out_dir: str | Path, *, init_path: str, model_cfg, extra: dict | None = None) -> Path:
     """Collective. Write a plain HF model dir (loadable by AutoModelForCausalLM.from_pretrained).
 
-    Under ZeRO-3 ``get_state_dict`` gathers the full 16-bit weights (the DeepSpeed config sets
-    stage3_gather_16bit_weights_on_model_save). LoRA adapters are merged into the export.
+    The weights are the fp32 master weights under every strategy (``engine.full_state_dict``), so a
+    stage hands the next one exactly what it trained, whether it ran single, DDP, ZeRO or FSDP.
+    LoRA: the adapters are merged into the stage's starting weights re-read from ``init_path`` in
+    fp32 (the frozen base weights inside a bf16 DeepSpeed engine are bf16 copies).
     """
     out = Path(out_dir)
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+    state_dict = engine.full_state_dict()
+    if engine.acc.is_main_process:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "lm"):  # our PolicyLogprobs wrapper: export the HF model inside
-            unwrapped = unwrapped.lm
-            state_dict = {k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
-        if getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False):
-            state_dict.pop("lm_head.weight", None)  # tied: a gathered ZeRO-3 dict holds it twice
-        if hasattr(unwrapped, "merge_and_unload"):  # peft: export merged weights, not adapters
-            import copy
-
-            merged = copy.deepcopy(unwrapped).merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
+        if engine.is_lora:
+            merge_lora(init_path, model_cfg, state_dict).save_pretrained(tmp, safe_serialization=True)
         else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if getattr(engine.lm.config, "tie_word_embeddings", False):
+                state_dict.pop("lm_head.weight", None)  # tied: a full (gathered) state dict holds it twice
+            engine.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            _record_dtype(tmp, state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "stagewise.json").write_text(json.dumps({"exported_at": time.time(), **(extra or {})}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    accelerator.wait_for_everyone()
+    engine.acc.wait_for_everyone()
     return out
+
+
+def merge_lora(init_path: str, model_cfg, state_dict: dict):
+    """The stage's starting weights (fp32, from disk) with the trained LoRA adapters merged in."""
+    import torch
+
+    from stagewise.models import load_model, replicated_init
+
+    with replicated_init():
+        model = load_model(init_path, model_cfg.model_copy(update={"gradient_checkpointing": False}), dtype=torch.float32)
+    adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
+    missing = [k for k in model.state_dict() if "lora_" in k and k not in adapters]
+    if not adapters or missing:
+        raise RuntimeError(f"LoRA export: adapter weights missing from the trained state ({missing[:3]})")
+    model.load_state_dict(adapters, strict=False)
+    return model.merge_and_unload()
+
+
+def _record_dtype(model_dir: Path, state_dict: dict) -> None:
+    """save_pretrained writes the dtype of the module (bf16 inside a bf16 DeepSpeed engine), not that
+    of the weights it was given: record the weights' dtype."""
+    floats = {str(v.dtype).removeprefix("torch.") for v in state_dict.values() if v.is_floating_point()}
+    if len(floats) == 1:
+        cfg_path = model_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = floats.pop()
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def is_exported(out_dir: str | Path) -> bool:

@@ -6,7 +6,8 @@
     stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
     stagewise report OUTPUT_DIR
 
-A user error (bad config, missing file) prints one line ``error: ...`` and exits with status 2.
+A user error (bad config, missing file) prints one line ``error: ...`` and exits with status 2; a
+run that had to stop (repeated non-finite steps, a lost peer process) prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides, args.ablation)  # fail fast, before heavy imports
     from stagewise.continual.curriculum import run_curriculum
 
-    result = run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
-    return 0 if result else 1
+    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    return 0
 
 
 def _continual(args) -> int:
@@ -64,7 +65,7 @@ def _report(args) -> int:
 
 
 def _launch(args) -> int:
-    from stagewise.dist.launch import build_launch_command, run_command
+    from stagewise.parallel.launch import build_launch_command, run_command
 
     cmd, env = build_launch_command(args)
     if args.dry_run:
@@ -76,7 +77,7 @@ def _launch(args) -> int:
 
 
 def _slurm(args) -> int:
-    from stagewise.dist.launch import slurm_script
+    from stagewise.parallel.launch import slurm_script
 
     text = slurm_script(args)
     if args.output:
@@ -156,12 +157,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except StagewiseError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        print(f"error: {_rank_prefix()}{_first_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _lost_peer(e):
+            raise
+        print(f"error: {_rank_prefix()}lost contact with another process ({_first_line(e)[:200]}); it failed or "
+              f"was stopped first: its log has the cause", file=sys.stderr)
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _rank_prefix() -> str:
+    import os
+
+    return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because a peer process died, left, or timed out (not a bug on this rank)."""
+    td = sys.modules.get("torch.distributed")
+    if td is not None and isinstance(e, getattr(td, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+        "Timed out waiting", "timed out after", "NCCL communicator was aborted"))
 
 
 if __name__ == "__main__":

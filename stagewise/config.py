@@ -50,6 +50,9 @@ class OptimConfig(_Part):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    # A step whose loss or gradient norm is not finite changes nothing (skipped on every rank);
+    # this many bad steps in a row end the run with an error.
+    max_bad_steps: int = Field(3, ge=1)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine/linear decay to lr * min_lr_ratio
@@ -57,7 +60,8 @@ class OptimConfig(_Part):
 
 class RolloutConfig(_Part):
     prompts_per_step: int = Field(4, gt=0)  # global number of groups per optimizer step
-    num_generations: int = Field(8, gt=0)  # G, completions per prompt
+    # G, completions per prompt: group advantages need at least two (the std of one sample is NaN)
+    num_generations: int = Field(8, ge=2)
     max_new_tokens: int = Field(16, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -75,6 +79,8 @@ class GRPOConfig(_Part):
     epsilon_high: float | None = Field(None, ge=0)  # None -> epsilon (symmetric clip)
     beta: float = Field(0.0, ge=0)  # KL(k3) coefficient; 0 loads no reference model
     reference: Literal["base", "previous_stage"] = "base"  # which weights the KL term anchors to
+    # weight the k3 KL by the ratio pi/pi_old (TRL's default use_bias_correction_kl; set true to match TRL)
+    kl_ratio_weighted: bool = False
     num_iterations: int = Field(1, ge=1)  # optimizer passes over one rollout batch
     drop_zero_variance_groups: bool = False  # DAPO "dynamic sampling" (masking variant)
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
@@ -90,6 +96,8 @@ class DistConfig(_Part):
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     deepspeed_config: str | None = None  # a user JSON, checked against the run
     cpu: bool | None = None  # None: use a GPU when one is visible
+    # collective timeout: a rank that waits longer than this for its peers fails instead of hanging
+    timeout_s: int = Field(1800, gt=0)
 
     @field_validator("mixed_precision", "offload", mode="before")
     @classmethod
@@ -109,6 +117,8 @@ class DistConfig(_Part):
             raise ValueError("offload_device=nvme needs dist.nvme_path")
         if self.deepspeed_config and not self.strategy.startswith("zero"):
             raise ValueError("deepspeed_config is only used with a zero1/zero2/zero3 strategy")
+        if self.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("strategy fsdp supports mixed_precision bf16 or no, not fp16")
         return self
 
 
@@ -187,6 +197,10 @@ class RunConfig(_Part):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"domain names repeat: {sorted(dup)}")
+        stage_names = [st.name for st in self.stages if st.name]
+        dup = {n for n in stage_names if stage_names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stages: names repeat: {sorted(dup)} (each stage needs its own name)")
         for i, st in enumerate(self.stages):
             for d in st.domains:
                 if d not in names:
@@ -304,6 +318,39 @@ def validate(raw: dict) -> RunConfig:
         raise ConfigError(_first_error(e)) from None
 
 
+def check_names(cfg: RunConfig) -> None:
+    """Every registry name the config uses exists: advantages, losses, rewards, domain types. Runs
+    when the config is loaded, before any model, so a typo costs a second, not a model load.
+    Plugins are imported first: they may register more names."""
+    import importlib
+
+    from stagewise import rewards  # noqa: F401  (registers the built-ins)
+    from stagewise import domains  # noqa: F401
+    from stagewise.registry import names
+    from stagewise.rl import advantages, losses  # noqa: F401
+
+    for i, mod in enumerate(cfg.plugins):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # a plugin that fails to import is the user's error, named as such
+            raise ConfigError(f"plugins.{i}: cannot import {mod!r} ({type(e).__name__}: {e})") from None
+    for i in range(len(cfg.stages)):
+        g = cfg.stage_part(i, "grpo")
+        where = f"stages.{i}.grpo" if cfg.stages[i].grpo else "grpo"
+        for kind, name in (("advantage", g.advantage), ("loss", g.loss)):
+            if name not in names(kind):
+                raise ConfigError(f"{where}.{kind}: unknown {kind} {name!r} (known: {', '.join(names(kind))})")
+    for i, d in enumerate(cfg.domains):
+        kind = d.type or d.name
+        if ":" not in kind and kind not in names("domain"):
+            raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
+                              f"or 'module:function' for a plugin)")
+        for j, r in enumerate(d.rewards or []):
+            if r.name not in names("reward"):
+                raise ConfigError(f"domains.{i}.rewards.{j}.name: unknown reward {r.name!r} "
+                                  f"(known: {', '.join(names('reward'))})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), ablation: str | None = None,
                 raw: dict | None = None) -> RunConfig:
     if raw is None:
@@ -314,7 +361,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), ablat
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return validate(resolve_raw(raw, overrides, ablation))
+    cfg = validate(resolve_raw(raw, overrides, ablation))
+    check_names(cfg)
+    return cfg
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

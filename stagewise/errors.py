@@ -1,8 +1,14 @@
-"""Errors a user can fix. The CLI prints them as one line and exits non-zero (no traceback)."""
+"""Errors the CLI reports as one line (``error: ...``), without a traceback.
+
+Exit status: 2 for a problem with the user's input (config, files, environment), 1 for a run that
+had to stop (numerical faults, a lost peer process).
+"""
 
 
 class StagewiseError(Exception):
     """Base class: a problem with the user's input (config, files, environment), not a bug."""
+
+    exit_code = 2
 
 
 class ConfigError(StagewiseError):
@@ -15,3 +21,9 @@ class ModelLoadError(StagewiseError):
 
 class DataError(StagewiseError):
     """A data file is malformed; the message names file:line."""
+
+
+class TrainingError(StagewiseError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message names stage and step."""
+
+    exit_code = 1

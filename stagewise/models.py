@@ -116,10 +116,24 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model.name_or_path: {p} has no config.json (not a HF model directory)")
         return str(p)
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    # "checkpoints/mymodel" is a path when "checkpoints/" exists here; "org/name" otherwise is a hub id
+    looks_like_path = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+                       or Path(p.parts[0]).is_dir())
     if looks_like_path:
         raise ModelLoadError(f"model.name_or_path: path not found: {p}")
-    return name_or_path  # a hub id, resolved from the local HF cache
+    return name_or_path  # a hub id (the local HF cache, or the hub when the machine can reach it)
+
+
+def load_model_config(path: str, trust_remote_code: bool = False):
+    """The model's transformers config, or one line saying why it cannot be had."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.name_or_path={path}: not a local model directory, and not loadable as a "
+                             f"hub model id ({str(e).splitlines()[0][:160]}); offline, a hub id must be in "
+                             f"the local HF cache") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -79,8 +79,11 @@ class Tracker:
             self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
 
     def close(self) -> None:
+        """Flush and close the trackers (rank 0). The process group is left by runtime.end_run."""
         if self.tb:
-            self.acc.end_training()
+            for t in self.acc.trackers:
+                t.finish()
+            self.tb = False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -62,6 +62,15 @@ def test_nested_ablation(tmp_path):
     (["stages.0.domains=[nope]"], "unknown domain 'nope'"),
     (["stages.0.optim={lr: -3}"], "stages.0.optim.lr: Input should be greater than 0"),
     (["dist.offload=optimizer"], "offload=optimizer needs a ZeRO strategy"),
+    (["rollout.num_generations=1"], "rollout.num_generations: Input should be greater than or equal to 2"),
+    (["stages.0.name=x", "stages.1.name=x"], "stages: names repeat: ['x']"),
+    # registry names are checked when the config loads, before any model
+    (["grpo.advantage=gpro"], "grpo.advantage: unknown advantage 'gpro' (known: batch_std, dr_grpo, grpo)"),
+    (["stages.1.grpo={loss: dapoo}"], "stages.1.grpo.loss: unknown loss 'dapoo'"),
+    (["domains.0.type=adition"], "domains.0.type: unknown domain type 'adition'"),
+    (["domains.0.rewards=[{name: exactt}]"], "domains.0.rewards.0.name: unknown reward 'exactt'"),
+    (["plugins=[no_such_module_xyz]"], "plugins.0: cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+    (["dist.strategy=fsdp", "dist.mixed_precision=fp16"], "fsdp supports mixed_precision bf16 or no"),
 ])
 def test_bad_values_name_the_field(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as e:

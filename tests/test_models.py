@@ -5,7 +5,7 @@ import torch
 
 from stagewise.config import LoraConfig, ModelConfig
 from stagewise.errors import ModelLoadError
-from stagewise.models import load_model, load_model_and_tokenizer, resolve_model_path
+from stagewise.models import load_model, load_model_and_tokenizer, load_model_config, resolve_model_path
 
 
 def test_local_dir_loads_with_dtype(tiny_model_dir):
@@ -33,6 +33,37 @@ def test_hub_id_not_in_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="local HF cache|cannot load"):
         load_model(resolve_model_path("someone/not-cached-model"), ModelConfig())
+    with pytest.raises(ModelLoadError, match="not a local model directory, and not loadable as a hub model id"):
+        load_model_config(resolve_model_path("someone/not-cached-model"))
+
+
+def test_missing_relative_checkpoint_path_is_one_line(tmp_path, monkeypatch):
+    """`checkpoints/mymodel` when checkpoints/ exists is a path; the run says so in one line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ModelLoadError, match="path not found: checkpoints/mymodel"):
+        resolve_model_path("checkpoints/mymodel")
+
+
+def test_cli_missing_model_path_is_one_line(tmp_path):
+    """The real path a user takes: no OSError traceback from AutoConfig, exit 2, one line."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "domains": [{"name": "add"}],
+                                   "model": {"name_or_path": "checkpoints/mymodel"},
+                                   "stages": [{"domains": ["add"], "steps": 1}]}))
+    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(cfg)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "checkpoints/mymodel" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing was created for a run that could not start
 
 
 def test_lora_and_gradient_checkpointing(tiny_model_dir):

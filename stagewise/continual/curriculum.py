@@ -25,9 +25,9 @@ from stagewise.config import RunConfig, dump_config
 from stagewise.domains import Domain, build_domain
 from stagewise.errors import ConfigError, StagewiseError
 from stagewise.evaluation import evaluate_domain
-from stagewise.models import load_model, load_tokenizer, replicated_init, resolve_model_path
+from stagewise.models import load_model, load_model_config, load_tokenizer, replicated_init, resolve_model_path
 from stagewise.continual.metrics import continual_metrics
-from stagewise.dist import runtime
+from stagewise.parallel import runtime
 from stagewise.rl.grpo import StageJob, make_all_done, train_grpo_stage
 from stagewise.tracking import Tracker, print0
 
@@ -95,53 +95,93 @@ def evaluate_row(acc, cfg: RunConfig, tok, weights_path: str, domains: list[Doma
     return row, samples
 
 
+RUN_MARKER = ".stagewise-run"
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` is a stagewise output directory (only those may be resumed or overwritten)."""
+    return (out / RUN_MARKER).is_file() or (out / STATE).is_file()
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run by accident, and to delete a directory that is not a run at all."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not holds_run(out):
+        what = "--overwrite refuses to delete it" if overwrite else ("there is no run to resume" if resume else
+                                                                    "refusing to write into it")
+        raise StagewiseError(f"{out} exists and does not hold a stagewise run (no {RUN_MARKER}); {what}: "
+                             f"set output_dir to a new or empty directory")
+    if not resume and not overwrite:
+        raise StagewiseError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                             f"start again, or set output_dir")
+
+
 def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                    stop_after: int | None = None) -> dict:
-    """Run (or continue) every stage; returns {"matrix", "metrics", "stopped"}."""
-    from accelerate.utils import set_seed
+    """Run (or continue) every stage; returns {"matrix", "metrics", "stopped"}.
+
+    Everything that can be checked without a process group is checked first (shapes, output
+    directory, plugins, domains, model path), identically on every rank; then the Accelerator is
+    built and the run always ends through ``runtime.end_run`` on every rank.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars: our own bar shows progress
     out = Path(cfg.output_dir)
     world = runtime.world_size_from_env()
+    if world == 1 and (warning := runtime.one_process_launch_warning()):
+        print0(f"[stagewise] {warning}")
     dist, note = runtime.resolve_strategy(cfg.dist, world)
     if note:
         cfg = cfg.model_copy(update={"dist": dist})
         print0(f"[stagewise] {note}")
     runtime.check(cfg.dist, world)
     gas = check_shapes(cfg, world)
-    if not resume and (out / STATE).exists():
-        if not overwrite:
-            raise StagewiseError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                                 f"start again, or set output_dir")
+    check_output_dir(out, resume=resume, overwrite=overwrite)
     for mod in cfg.plugins:
         __import__(mod)
     domains = [build_domain(spec, cfg.seed) for spec in cfg.domains]
-    by_name = {d.name: d for d in domains}
-
-    gc0 = cfg.stage_part(0, "grpo")
     # model conversion (GGUF -> safetensors cache) happens once, before the process group exists
     # on every rank; the file lock in models.convert_gguf makes concurrent ranks wait for one.
     base_path = resolve_model_path(cfg.model.name_or_path)
-    from transformers import AutoConfig
+    hidden = getattr(load_model_config(base_path, cfg.model.trust_remote_code), "hidden_size", 1024)
 
-    hidden = getattr(AutoConfig.from_pretrained(base_path), "hidden_size", 1024)
-    acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc0.micro_batch_size,
-                                    max_grad_norm=cfg.stage_part(0, "optim").max_grad_norm, hidden_size=hidden,
-                                    output_dir=str(out), log_with=["tensorboard"] if cfg.logging.tensorboard else None)
+    gc0 = cfg.stage_part(0, "grpo")
+    acc, tracker, ok = None, None, False
+    try:
+        acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc0.micro_batch_size,
+                                        max_grad_norm=cfg.stage_part(0, "optim").max_grad_norm, hidden_size=hidden,
+                                        output_dir=str(out),
+                                        log_with=["tensorboard"] if cfg.logging.tensorboard else None)
+        if acc.is_main_process:
+            if overwrite and not resume and out.exists():
+                for p in out.glob("*"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                (out / RUN_MARKER).unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_MARKER).write_text("written by stagewise; marks this directory as a run output\n")
+            dump_config(cfg, out / "config.yaml")
+        acc.wait_for_everyone()
+        tracker = Tracker(acc, out, tensorboard=cfg.logging.tensorboard, run_name=cfg.name,
+                          config=cfg.model_dump(mode="json", exclude={"ablations"}))
+        result = _run_stages(cfg, acc, tracker, domains, base_path, gas, resume=resume, stop_after=stop_after)
+        ok = True
+        return result
+    finally:
+        runtime.end_run(acc, tracker, ok)
+
+
+def _run_stages(cfg: RunConfig, acc, tracker: Tracker, domains: list[Domain], base_path: str, gas: int, *,
+                resume: bool, stop_after: int | None) -> dict:
+    from accelerate.utils import set_seed
+
     set_seed(cfg.seed)
-    if acc.is_main_process:
-        if overwrite and not resume:
-            for p in out.glob("*"):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
-    print0(f"[stagewise] {runtime.describe(acc, gc0.micro_batch_size, gas)}")
+    out = Path(cfg.output_dir)
+    by_name = {d.name: d for d in domains}
+    print0(f"[stagewise] {runtime.describe(acc, cfg.dist.strategy, cfg.stage_part(0, 'grpo').micro_batch_size, gas)}")
     print0(f"[stagewise] model {cfg.model.name_or_path} -> {base_path}; output {out}")
     tok = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    tracker = Tracker(acc, out, tensorboard=cfg.logging.tensorboard, run_name=cfg.name,
-                      config=cfg.model_dump(mode="json", exclude={"ablations"}))
     counters = Counters()
     acc.register_for_checkpointing(counters)
     state = _load_state(out) if resume else {"rows": {}, "stage_results": {}}
@@ -210,8 +250,6 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"))
     else:
         print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
-    tracker.close()
-    acc.wait_for_everyone()
     return result
 
 

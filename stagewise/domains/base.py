@@ -63,8 +63,6 @@ def build_domain(spec: DomainSpec, seed: int) -> Domain:
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"domains.{spec.name}.type: cannot load plugin {kind!r} ({e})") from None
     else:
-        from stagewise.domains import builtin, jsonl  # noqa: F401  (registers the built-ins)
-
         builder = lookup("domain", kind)
     dom = builder(spec, seed)
     if not isinstance(dom, Domain):

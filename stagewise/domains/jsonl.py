@@ -39,7 +39,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # editors may write a BOM
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue

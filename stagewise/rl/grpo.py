@@ -20,24 +20,27 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from stagewise import faults
 from stagewise.checkpoint import Counters, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from stagewise.config import RunConfig
 from stagewise.domains import Domain
+from stagewise.errors import TrainingError
 from stagewise.models import load_model, replicated_init
+from stagewise.parallel.engine import TrainEngine
 from stagewise.registry import lookup
 from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
 from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from stagewise.rl.advantages import zero_variance_groups
-from stagewise.rl.losses import per_token_loss
+from stagewise.rl.losses import masked_sum, per_token_loss
 from stagewise.rl.rollout import RolloutBatch, generate_rollouts
 from stagewise.tracking import StepProgress, Tracker, print0
 
@@ -77,7 +80,7 @@ def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, all_reward
         keep &= ~zero_variance_groups(all_rewards, group_size)[lo:hi]
     if mask_truncated:
         keep &= ~truncated.cpu()
-    return (completion_mask * keep[:, None].to(completion_mask.device)).float()
+    return (completion_mask.bool() & keep[:, None].to(completion_mask.device)).float()
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
@@ -122,20 +125,21 @@ class RolloutWeights:
     latency-bound: bf16 weights halve memory traffic and skip autocast's per-call weight casts
     (2.1 s vs 3.3 s fp32 for 32 x 24 tokens on the 2-core CPU). Its tensors are filled from the
     current fp32 weights when sampling starts (~50 ms) and freed when it ends, so the replica
-    never adds to the training step's peak memory. Otherwise ("policy"): the training module.
+    never adds to the training step's peak memory. Otherwise ("policy"): the training module
+    itself, under the run's autocast. Neither touches the training module's wrappers.
     """
 
-    def __init__(self, accelerator, model, engine: str, strategy: str, mixed_precision: str):
-        self.acc, self.model = accelerator, model
-        unwrapped = lm_of(accelerator, model)
-        if engine == "auto":
-            fp32_params = next(unwrapped.parameters()).dtype == torch.float32
-            plain = strategy in ("single", "ddp") and not hasattr(unwrapped, "peft_config")
-            engine = "bf16_copy" if (plain and fp32_params and mixed_precision == "bf16") else "policy"
+    def __init__(self, engine: TrainEngine, choice: str, mixed_precision: str):
         self.engine = engine
+        lm = engine.lm
+        if choice == "auto":
+            fp32_params = next(lm.parameters()).dtype == torch.float32
+            plain = engine.strategy in ("single", "ddp") and not engine.is_lora
+            choice = "bf16_copy" if (plain and fp32_params and mixed_precision == "bf16") else "policy"
+        self.choice = choice
         self.copy = None
-        if engine == "bf16_copy":  # built once, before the optimizer has allocated its states
-            self.copy = copy.deepcopy(lm_of(accelerator, model, keep_fp32_wrapper=False)).to(torch.bfloat16).eval()
+        if choice == "bf16_copy":  # built once, before the optimizer has allocated its states
+            self.copy = copy.deepcopy(lm).to(torch.bfloat16).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
             self._release()
@@ -144,11 +148,11 @@ class RolloutWeights:
     def sampling_model(self):
         """The module to sample from, with the current weights, for the duration of the block."""
         if self.copy is None:
-            yield lm_of(self.acc, self.model)
+            with self.engine.acc.autocast():
+                yield self.engine.lm
             return
-        src = lm_of(self.acc, self.model, keep_fp32_wrapper=False)
         with torch.no_grad():
-            for c, p in zip(self.copy.parameters(), src.parameters()):
+            for c, p in zip(self.copy.parameters(), self.engine.lm.parameters()):
                 c.data = p.detach().to(torch.bfloat16)
         try:
             yield self.copy
@@ -160,21 +164,15 @@ class RolloutWeights:
             c.data = torch.empty(0, dtype=torch.bfloat16, device=c.device)
 
 
-def lm_of(accelerator, model, keep_fp32_wrapper: bool = True):
-    """The HF causal LM inside the prepared (DDP/DeepSpeed-wrapped) PolicyLogprobs module."""
-    return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper).lm
-
-
-def log_sharding(acc, model, job: StageJob) -> None:
-    """Record which fraction of the parameters each rank holds (1/N under ZeRO-3, 1 otherwise)."""
-    local = total = 0
-    for p in model.parameters():
-        full = getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a 1/N shard in p.ds_tensor
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-        total += full
-    fractions = acc.gather(torch.tensor([local / max(total, 1)], device=acc.device)).cpu().tolist()
-    job.tracker.log({"stage": job.index + 1, "param_fraction_per_rank": fractions, "params_total": total},
-                    step=job.global_step_offset)
+def log_stage_start(engine: TrainEngine, job: StageJob) -> None:
+    """Record which fraction of the parameters each rank holds (1/N under ZeRO-3 / FSDP, 1 otherwise)
+    and the dtype of the weights the optimizer updates (collective)."""
+    acc = engine.acc
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.model.parameters())
+    fractions = acc.gather(torch.tensor([engine.param_fraction()], device=acc.device)).cpu().tolist()
+    master = str(engine.master_dtype()).removeprefix("torch.")
+    job.tracker.log({"stage": job.index + 1, "param_fraction_per_rank": fractions, "params_total": total,
+                     "master_dtype": master}, step=job.global_step_offset)
 
 
 def dump_rollouts(acc, job: StageJob, step: int, batch: RolloutBatch, mine, G: int) -> None:
@@ -193,9 +191,9 @@ def dump_rollouts(acc, job: StageJob, step: int, batch: RolloutBatch, mine, G: i
                 fh.write(json.dumps({"stage": job.index + 1, "step": step, **r}) + "\n")
 
 
-def make_all_done(accelerator, zero3: bool):
-    """Under ZeRO-3 all ranks must decode the same number of steps (the synced_gpus role)."""
-    if not zero3 or accelerator.num_processes == 1:
+def make_all_done(accelerator, lockstep: bool):
+    """Under ZeRO-3 / FSDP all ranks must decode the same number of steps (the synced_gpus role)."""
+    if not lockstep or accelerator.num_processes == 1:
         return None
 
     def all_done(local: bool) -> bool:
@@ -212,6 +210,7 @@ def train_grpo_stage(job: StageJob) -> dict:
     cfg, acc, tok = job.cfg, job.accelerator, job.tokenizer
     ro, gc, oc = cfg.stage_part(job.index, "rollout"), cfg.stage_part(job.index, "grpo"), cfg.stage_part(job.index, "optim")
     stage = cfg.stages[job.index]
+    stage_label = f"stage {job.index + 1} ({stage.name or '+'.join(stage.domains)})"
     total_steps = cfg.stage_steps(job.index)
     world, rank = acc.num_processes, acc.process_index
     G = ro.num_generations
@@ -222,22 +221,29 @@ def train_grpo_stage(job: StageJob) -> dict:
     eps_high = gc.epsilon if gc.epsilon_high is None else gc.epsilon_high
 
     # model, optimizer, schedule (a fresh optimizer each stage; weights come from the hand-over)
-    model = PolicyLogprobs(load_model(job.init_path, cfg.model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW: one kernel over all tensors (0.11 s vs 0.62 s per step for 135M params on 2 CPU
-    # cores). DeepSpeed flattens and partitions parameters itself, so it gets the plain version.
-    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay,
-                                  fused=cfg.dist.strategy in ("single", "ddp") or None)
     n_opt_steps = total_steps * gc.num_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(oc.schedule, oc.warmup_steps, n_opt_steps, oc.min_lr_ratio))
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    model.train()
-    ref = None
-    is_lora = hasattr(lm_of(acc, model), "peft_config")
+
+    def make_optimizer(params):
+        # fused AdamW: one kernel over all tensors (0.11 s vs 0.62 s per step for 135M params on 2 CPU
+        # cores). DeepSpeed flattens and partitions parameters itself, FSDP holds DTensors: plain AdamW.
+        return torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay,
+                                 fused=cfg.dist.strategy in ("single", "ddp") or None)
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(oc.schedule, oc.warmup_steps, n_opt_steps,
+                                                                      oc.min_lr_ratio))
+
+    engine = TrainEngine.create(acc, cfg.dist.strategy, PolicyLogprobs(load_model(job.init_path, cfg.model)),
+                                make_optimizer, make_scheduler, max_grad_norm=oc.max_grad_norm,
+                                mixed_precision=cfg.dist.mixed_precision)
+    model, scheduler = engine.model, engine.scheduler
     # prompts shared by a group are run once per micro-batch when groups are not split
     group = G if (gc.shared_prompt and gc.micro_batch_size % G == 0 and not cfg.model.gradient_checkpointing) else 1
-    if gc.beta > 0 and not is_lora:
+    # KL reference: LoRA's "adapters off" is the stage's starting weights, so it serves only when the
+    # reference *is* those weights (stage 1, or reference: previous_stage); otherwise load it.
+    adapters_off_ref = engine.is_lora and job.ref_path == job.init_path
+    ref = None
+    if gc.beta > 0 and not adapters_off_ref:
         with replicated_init():
             ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
                              dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32)
@@ -245,16 +251,19 @@ def train_grpo_stage(job: StageJob) -> dict:
     counters = job.counters
     counters.step, counters.samples = 0, 0
     if job.resume and (ckpt := latest_checkpoint(job.out_dir)) is not None:
-        load_checkpoint(acc, ckpt)
+        load_checkpoint(engine, ckpt)
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
-    log_sharding(acc, model, job)
-    weights = RolloutWeights(acc, model, ro.engine, cfg.dist.strategy, cfg.dist.mixed_precision)
-    all_done = make_all_done(acc, cfg.dist.strategy == "zero3")
+    log_stage_start(engine, job)
+    weights = RolloutWeights(engine, ro.engine, cfg.dist.mixed_precision)
+    all_done = make_all_done(acc, engine.lockstep)
+    bad_in_a_row, bad_total = 0, 0
 
     bar = StepProgress(total_steps, f"stage {job.index + 1} {stage.name or '+'.join(stage.domains)}",
                        cfg.logging.progress, start=counters.step)
     while counters.step < total_steps:
         step, t_start = counters.step, time.time()
+        where = dict(stage=job.index + 1, step=step + 1, rank=rank)
+        faults.maybe_raise(**where)
 
         # 1. rollout: this process's contiguous share of the step's groups
         examples = pick_examples(job, step, ro.prompts_per_step, stage.replay)
@@ -296,41 +305,53 @@ def train_grpo_stage(job: StageJob) -> dict:
         if ref is not None:
             batch.ref_logp = fixed(lambda mb: completion_logprobs(ref, *args(mb), group_size=group))
         elif gc.beta > 0:  # LoRA: the reference is the model with its adapters switched off
-            with lm_of(acc, model).disable_adapter():
+            with engine.lm.disable_adapter():
                 batch.ref_logp = fixed(lambda mb: model(*args(mb), group_size=group))
 
         # 4. optimise: num_iterations passes, each = gas micro-batches = one optimizer step
         t_train = time.time()
-        sums = torch.zeros(6, device=acc.device)  # loss, clipped, kl, entropy, tokens, grad-norm
-        for _ in range(gc.num_iterations):
-            for s in range(0, rows_local, gc.micro_batch_size):
+        sums = torch.zeros(5, device=acc.device)  # loss, clipped, kl, entropy, tokens
+        probe: dict = {}
+        skipped, grad_norm = 0, float("nan")
+        for it in range(gc.num_iterations):
+            for k, s in enumerate(range(0, rows_local, gc.micro_batch_size)):
                 mb = batch.slice(s, s + gc.micro_batch_size)
-                with acc.accumulate(model):
+                first = not probe and it == 0 and k == 0  # the stage's first training forward
+                with engine.accumulate(), (engine.compute_dtype_probe(probe) if first else nullcontext()):
                     logp, ent = model(*args(mb), with_entropy=True, group_size=group)
+                    if faults.active("inf_grad", **where):
+                        logp.register_hook(lambda g: torch.full_like(g, float("inf")))
                     tok_loss, st = per_token_loss(logp, mb.old_logp, mb.advantages, epsilon_low=gc.epsilon,
-                                                  epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp)
+                                                  epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp,
+                                                  mask=mb.loss_mask, kl_ratio_weighted=gc.kl_ratio_weighted)
                     loss = aggregate(tok_loss, mb.loss_mask, num_sequences=n_seq, num_tokens=n_tok,
-                                     max_len=ro.max_new_tokens)
-                    # accelerate divides by gas and DDP/ZeRO average over processes: undo both so the
-                    # summed gradient is exactly that of the global objective
-                    acc.backward(loss * world * gas)
-                    if acc.sync_gradients and oc.max_grad_norm > 0:
-                        gn = acc.clip_grad_norm_(model.parameters(), oc.max_grad_norm)
-                        if gn is not None:
-                            sums[5] = float(gn)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                                     num_rows=ro.prompts_per_step * G, max_len=ro.max_new_tokens)
+                    if faults.active("nan_loss", **where):
+                        loss = loss * float("nan")
+                    # accelerate divides by gas and DDP/ZeRO/FSDP average over processes: undo both so
+                    # the summed gradient is exactly that of the global objective
+                    engine.backward(loss * world * gas, last=k == gas - 1)
                 m = mb.loss_mask
-                sums[:5] += torch.stack([loss.detach().float() / gc.num_iterations, (st["clipped"] * m).sum(),
-                                         (st["kl"] * m).sum() if "kl" in st else torch.zeros((), device=m.device),
-                                         (ent * m).sum(), m.sum()]).to(sums.device)
+                sums += torch.stack([loss.detach().float() / gc.num_iterations, masked_sum(st["clipped"], m),
+                                     masked_sum(st["kl"], m) if "kl" in st else torch.zeros((), device=m.device),
+                                     masked_sum(ent, m), m.sum()]).to(sums.device)
+            info = engine.step()
             scheduler.step()
+            grad_norm = info["grad_norm"]
+            skipped += int(info["skipped"])
+            bad_total += int(info["bad"])
+            bad_in_a_row = bad_in_a_row + 1 if info["bad"] else 0
+            if bad_in_a_row >= oc.max_bad_steps:
+                raise TrainingError(f"{stage_label}, step {step + 1}: {bad_in_a_row} optimizer steps in a row had a "
+                                    f"non-finite loss or gradient norm and were skipped (optim.max_bad_steps="
+                                    f"{oc.max_bad_steps}); lower optim.lr or check the rewards, then continue "
+                                    f"with --resume from the last checkpoint")
         t_train = time.time() - t_train
         counters.step += 1
         counters.samples += ro.prompts_per_step * G
 
         # 5. metrics, reduced over processes; rank 0 writes them
-        red = acc.reduce(sums[:5].clone(), reduction="sum")
+        red = acc.reduce(sums.clone(), reduction="sum")
         lengths = acc.gather(batch.completion_mask.sum(-1).to(acc.device).float()).cpu()
         trunc = acc.gather(batch.truncated.to(acc.device).float()).cpu()
         part_means = {}
@@ -347,30 +368,38 @@ def train_grpo_stage(job: StageJob) -> dict:
             "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(), **part_means,
             "loss": red[0].item(), "clip_ratio": red[1].item() / max(red[4].item(), 1),
             "kl": red[2].item() / max(red[4].item(), 1), "entropy": red[3].item() / max(red[4].item(), 1),
-            "grad_norm": sums[5].item(), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+            "skipped_steps": skipped, "bad_steps_total": bad_total,
             "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
             "truncated_frac": trunc.mean().item(), **adv_stats,
             "step_time": step_time, "gen_time": t_gen, "train_time": t_train,
             "tokens_per_s": gen_tokens / step_time, "completions_per_s": all_rewards.numel() / step_time,
         }
+        if "dtype" in probe and not probe.get("logged"):  # once per stage: what the training forward computes in
+            metrics["train_compute_dtype"] = str(probe["dtype"]).removeprefix("torch.")
+            probe["logged"] = True
+        if skipped:
+            print0(f"[stagewise] {stage_label}, step {counters.step}: non-finite loss or gradient norm, "
+                   f"update skipped on every rank ({bad_in_a_row} in a row, limit optim.max_bad_steps={oc.max_bad_steps})")
         if cfg.logging.dump_rollouts:
             dump_rollouts(acc, job, counters.step, batch, mine, G)
         job.curve.append(metrics["reward"])
-        if counters.step % cfg.logging.log_every == 0 or counters.step == total_steps:
+        if counters.step % cfg.logging.log_every == 0 or counters.step == total_steps or "train_compute_dtype" in metrics:
             job.tracker.log(metrics, step=job.global_step_offset + counters.step)
         bar.update(1, reward=metrics["reward"], loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
         # 6. checkpoint (collective) mid-stage, and honour a requested stop
         stopping = job.stop_after is not None and counters.step >= job.stop_after and counters.step < total_steps
         if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
-            save_checkpoint(acc, job.out_dir, counters.step, {"stage": job.index, "stage_name": stage.name,
-                                                              "total_steps": total_steps}, cfg.checkpoint.keep_last)
+            save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": stage.name,
+                                                                 "total_steps": total_steps}, cfg.checkpoint.keep_last)
         if stopping:
             bar.close()
             acc.free_memory()
             return {"stopped": True, "step": counters.step}
     bar.close()
-    export_model(acc, model, tok, job.out_dir / "model", extra={"stage": job.index, "steps": total_steps})
+    export_model(engine, tok, job.out_dir / "model", init_path=job.init_path, model_cfg=cfg.model,
+                 extra={"stage": job.index, "steps": total_steps})
     result = {"stopped": False, "step": counters.step, "model": str(job.out_dir / "model")}
     acc.free_memory()
     return result

@@ -14,6 +14,19 @@ from typing import Callable
 
 import torch
 
+from stagewise.errors import TrainingError
+
+
+def check_logits(logits: torch.Tensor, step: int) -> None:
+    """Refuse to sample from NaN / +inf logits or from a row with no finite logit: softmax would
+    give NaN probabilities and inverse-CDF sampling would silently pick the last token id."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise TrainingError(f"sampling: the model produced non-finite logits at decode step {step} "
+                            f"(rows {rows[:8]}); its weights have probably diverged (lower optim.lr, or "
+                            f"resume from an earlier checkpoint)")
+
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 0/1 attention mask, left-padded -> (B, T) positions counting only real tokens."""
@@ -51,8 +64,8 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_token_ids: list[int], pad_token_id: int, num_samples: int = 1,
            seeds: list[int] | None = None, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, greedy: bool = False,
-           all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           top_p: float = 1.0, greedy: bool = False, all_done: Callable[[bool], bool] | None = None,
+           with_logprobs: bool = False) -> tuple[torch.Tensor, ...]:
     """Sample ``num_samples`` completions for each prompt.
 
     prompt_ids, prompt_mask: (N, P), left-padded, one row per *distinct* prompt.
@@ -60,6 +73,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     Returns completion_ids (B, C) right-padded with pad_token_id (B = N * num_samples), completion
     mask (B, C) covering the tokens up to and including the first EOS, and truncated (B,) bool:
     no EOS within max_new_tokens. C <= max_new_tokens: decoding stops when every row has ended.
+    with_logprobs: also return (B, C) fp32 log-probabilities of the drawn tokens under the
+    distribution they were drawn from (temperature and top-k/top-p applied; 0 after the end).
 
     Speed: each distinct prompt is prefilled once and its KV cache repeated num_samples times
     (GRPO groups share their prompt), and rows that reached EOS leave the batch.
@@ -84,15 +99,21 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
+    token_logp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device) if with_logprobs else None
     active = torch.arange(B, device=device)  # rows of the full batch still decoding (= cache rows)
     for t in range(max_new_tokens):
         if active.numel():
+            check_logits(logits, t)
             if greedy:
                 nxt = logits.argmax(-1)
+                if with_logprobs:
+                    token_logp[active, t] = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
             else:
                 probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
                 u = torch.stack([torch.rand((), generator=gens[i]) for i in active.tolist()])
                 nxt = draw_tokens(probs, u.to(device))
+                if with_logprobs:
+                    token_logp[active, t] = probs.gather(-1, nxt[:, None]).squeeze(-1).log()
             tokens[active, t] = nxt
             lengths[active] += 1
             hit = torch.isin(nxt, eos)
@@ -115,4 +136,6 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
             model(input_ids=torch.full((1, 1), pad_token_id, device=device), use_cache=False)
     C = max(int(lengths.max()), 1)
     completion_mask = (torch.arange(C, device=device)[None, :] < lengths[:, None]).long()
+    if with_logprobs:
+        return tokens[:, :C], completion_mask, ~ended, token_logp[:, :C]
     return tokens[:, :C], completion_mask, ~ended

@@ -65,17 +65,46 @@ def test_replay_mixes_earlier_domains(tiny_model_dir, tmp_path):
     assert picked != pick_examples(job, step=1, n=8, replay=0.25)
 
 
-def test_cli_run_writes_resolved_config(tiny_model_dir, tmp_path):
-    raw = tiny_raw(tiny_model_dir, tmp_path / "cli", stages=1, steps=1)
+def test_cli_run_pins_numbers_and_writes_resolved_config(tiny_model_dir, tmp_path):
+    """The real CLI on the tiny model with the product's defaults (bf16 autocast, TensorBoard on):
+    rewards, gradient norms and entropies of every step pinned, so any change to sampling, loss,
+    scaling or precision shows up here (numbers recorded from this code on this CPU)."""
+    raw = tiny_raw(tiny_model_dir, tmp_path / "cli", stages=2, steps=2)
     raw["ablations"] = {"hi_lr": {"optim.lr": 0.01}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
-    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(p), "--ablation", "hi_lr", "rollout.max_new_tokens=3"],
+    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(p), "--ablation", "hi_lr", "eval.batch_size=4"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
-    assert saved["optim"]["lr"] == 0.01 and saved["rollout"]["max_new_tokens"] == 3 and saved["ablation"] == "hi_lr"
+    assert saved["optim"]["lr"] == 0.01 and saved["eval"]["batch_size"] == 4 and saved["ablation"] == "hi_lr"
+    assert saved["dist"]["mixed_precision"] == "bf16" and saved["logging"]["tensorboard"] is True
     assert "accuracy matrix" in r.stdout
+    assert list((tmp_path / "cli" / "tb").rglob("events.out.tfevents.*"))  # TensorBoard really wrote
+    steps = [x for x in map(json.loads, (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    assert [x["reward"] for x in steps] == pytest.approx([0.0208333, 0.0, 0.0416667, 0.0416667], abs=1e-6)
+    assert [x["grad_norm"] for x in steps] == pytest.approx([1.2280869, 0.0, 2.8126316, 1.3085603], rel=1e-4)
+    assert [x["entropy"] for x in steps] == pytest.approx([5.5351054, 5.5271708, 5.5182241, 5.4043058], rel=1e-5)
+    assert [x["loss"] for x in steps] == pytest.approx([0.0] * 4, abs=1e-6)  # ratio 1: advantages sum to 0
+    assert json.loads((tmp_path / "cli" / "curriculum.json").read_text())["rows"] == {
+        "0": [0.0, 0.0], "1": [0.0, 0.0], "2": [0.0, 0.0]}
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(StagewiseError, match="does not hold a stagewise run"):
+            run_curriculum(tiny_config(tiny_model_dir, precious, stages=1, steps=1), **flags)
+    assert (precious / "thesis.tex").read_text() == "years of work" and len(list(precious.iterdir())) == 1
+    # a real run directory can be overwritten
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir, out, stages=1, steps=1, overrides=["eval.before_first_stage=false"])
+    run_curriculum(cfg)
+    (out / "stale.txt").write_text("from an older run")
+    run_curriculum(cfg, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "final_model").is_dir()
 
 
 def test_continual_command_runs_builtin_three_domains(tiny_model_dir, tmp_path):

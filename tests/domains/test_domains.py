@@ -55,6 +55,16 @@ def test_jsonl_domain_loads_and_splits(tmp_path):
     assert d.correct("It is City7.", {"answer": "city7"})
 
 
+def test_jsonl_with_bom_and_blank_lines_is_accepted(tmp_path):
+    """Editors on Windows write a UTF-8 byte-order mark; blank lines (a trailing one, say) are common."""
+    rows = [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(10)]
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(("\ufeff" + rows[0] + "\n\n" + "\n".join(rows[1:]) + "\n\n  \n").encode("utf-8"))
+    d = build_domain(DomainSpec(name="b", type="jsonl", eval_size=2, args={"path": str(p)}), 0)
+    assert len(d.train) + len(d.eval) == 10
+    assert sorted(e["prompt"] for e in d.train + d.eval) == sorted(f"q{i}" for i in range(10))
+
+
 @pytest.mark.parametrize("line, fragment", [
     ("{not json", "invalid JSON"),
     ('["a"]', "expected a JSON object"),
@@ -92,5 +102,5 @@ def test_plugin_domain_from_user_module(tmp_path, monkeypatch):
 
 
 def test_registry_lists_builtins():
-    build_domain(DomainSpec(name="add"), 0)
-    assert {"add", "max", "jsonl"} <= set(names("domain"))
+    # importing stagewise.domains registers the built-in builders (no build needed first)
+    assert {"add", "max", "sub", "jsonl"} <= set(names("domain"))

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from stagewise.continual.curriculum import run_curriculum
@@ -50,3 +51,21 @@ def test_lora_with_kl_uses_adapters_off_as_reference(tiny_model_dir, tmp_path):
     final, base = load_weights(tmp_path / "lora" / "final_model"), load_weights(tiny_model_dir)
     assert set(final) == set(base)
     assert any(not torch.equal(final[k], base[k]) for k in base)
+
+
+def test_lora_reference_base_holds_from_stage_two(tiny_model_dir, tmp_path):
+    """With LoRA, stage 2 starts from stage 1's merged export, so 'adapters off' is that export, not
+    the base model. grpo.reference=base must still anchor the KL to the base weights: at stage 2's
+    first step the policy equals its starting weights, so KL is 0 against previous_stage and > 0
+    against base."""
+    first_kl = {}
+    for reference in ("base", "previous_stage"):
+        out = tmp_path / reference
+        run_curriculum(tiny_config(tiny_model_dir, out, stages=2, steps=2, overrides=[
+            "model.lora={r: 4, alpha: 8}", "grpo.beta=0.1", f"grpo.reference={reference}", "optim.lr=5e-2",
+            "optim.warmup_steps=0", "eval.before_first_stage=false"]))
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        first_kl[reference] = next(r["kl"] for r in rows if r.get("stage") == 2 and "kl" in r)
+        assert next(r["kl"] for r in rows if r.get("stage") == 1 and "kl" in r) == pytest.approx(0, abs=1e-6)
+    assert first_kl["previous_stage"] == pytest.approx(0, abs=1e-6)
+    assert first_kl["base"] > 1e-4, first_kl

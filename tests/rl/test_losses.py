@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from stagewise.registry import lookup
@@ -50,16 +51,67 @@ MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0],
 
 
 def test_aggregations_hand_computed():
-    kw = dict(num_sequences=2, num_tokens=4, max_len=5)
+    kw = dict(num_sequences=2, num_tokens=4, num_rows=2, max_len=5)
     assert lookup("loss", "grpo")(LOSS, MASK, **kw).item() == (2.0 + 4.0) / 2          # per-seq means 2 and 4
     assert lookup("loss", "dapo")(LOSS, MASK, **kw).item() == 10.0 / 4                 # token mean
     assert lookup("loss", "dr_grpo")(LOSS, MASK, **kw).item() == 10.0 / (2 * 5)        # / (B * max_len)
 
 
 def test_aggregations_split_into_micro_batches_sum_to_whole():
-    kw = dict(num_sequences=2, num_tokens=4, max_len=5)
+    kw = dict(num_sequences=2, num_tokens=4, num_rows=2, max_len=5)
     for name in ("grpo", "dapo", "dr_grpo"):
         f = lookup("loss", name)
         whole = f(LOSS, MASK, **kw)
         parts = f(LOSS[:1], MASK[:1], **kw) + f(LOSS[1:], MASK[1:], **kw)
         assert torch.allclose(whole, parts), name
+
+
+def test_dr_grpo_normaliser_stays_constant_when_rows_are_masked():
+    """Dr. GRPO divides by (all rows x max_new_tokens) even when rows are dropped (zero-variance
+    groups, truncated completions); grpo and dapo count only what enters the loss."""
+    mask = MASK.clone()
+    mask[1] = 0  # the second row is dropped whole
+    kw = dict(num_sequences=1, num_tokens=3, num_rows=2, max_len=5)
+    assert lookup("loss", "dr_grpo")(LOSS, mask, **kw).item() == pytest.approx(6.0 / (2 * 5))
+    assert lookup("loss", "grpo")(LOSS, mask, **kw).item() == 2.0
+    assert lookup("loss", "dapo")(LOSS, mask, **kw).item() == pytest.approx(6.0 / 3)
+
+
+def test_inf_and_nan_at_masked_positions_reach_neither_loss_nor_gradient():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), -math.inf]], requires_grad=True)
+    old = torch.tensor([[math.log(0.5), math.log(0.5), float("nan")]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.25), math.inf]])
+    tok, st = per_token_loss(logp, old, torch.tensor([1.0]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+                             ref_logp=ref, mask=mask)
+    for name in ("grpo", "dr_grpo", "dapo"):
+        loss = lookup("loss", name)(tok, mask, num_sequences=1, num_tokens=2, num_rows=1, max_len=3)
+        assert torch.isfinite(loss), name
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    # the unmasked positions are exactly what they are without the masked one
+    ref_tok, _ = per_token_loss(logp[:, :2].detach(), old[:, :2], torch.tensor([1.0]), epsilon_low=0.2,
+                                epsilon_high=0.2, beta=0.1, ref_logp=ref[:, :2])
+    assert torch.allclose(tok[:, :2], ref_tok)
+    # without the mask the same inputs poison the loss (what masking protects against)
+    bad, _ = per_token_loss(logp.detach(), old, torch.tensor([1.0]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+                            ref_logp=ref)
+    assert not torch.isfinite((bad * mask).sum())
+
+
+def test_kl_ratio_weighting_matches_trl_bias_corrected_kl():
+    """TRL's default (use_bias_correction_kl) multiplies k3 by the differentiable ratio pi/pi_old: on
+    policy the value is unchanged but the gradient gains kl * d(ratio)/d(logp) = kl."""
+    logp0, ref = math.log(0.5), torch.tensor([[math.log(0.25)]])
+    kl = 0.5 + math.log(2) - 1  # k3 at d = ref - logp = log 0.5
+    grads = {}
+    for weighted in (False, True):
+        logp = torch.tensor([[logp0]], requires_grad=True)
+        loss, _ = per_token_loss(logp, None, torch.tensor([0.0]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+                                 ref_logp=ref, kl_ratio_weighted=weighted)
+        assert loss.item() == pytest.approx(0.1 * kl)
+        loss.sum().backward()
+        grads[weighted] = logp.grad.item()
+    # d k3 / d logp = 1 - exp(ref - logp) = 0.5
+    assert grads[False] == pytest.approx(0.1 * 0.5)
+    assert grads[True] == pytest.approx(0.1 * (0.5 + kl))

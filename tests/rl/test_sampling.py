@@ -50,11 +50,16 @@ def test_sample_is_reproducible_and_independent_of_batch(tiny):
     a, am, _ = sample(model, ids, mask, num_samples=3, seeds=list(range(6)), **kw)
     b, bm, _ = sample(model, ids, mask, num_samples=3, seeds=list(range(6)), **kw)
     assert torch.equal(a, b) and torch.equal(am, bm)
-    # the second prompt alone, with the same seeds, gives the same completions (rows 3..5)
+    # the second prompt alone, with the same seeds, gives the same completions (rows 3..5): whole
+    # sequences, so a row cut short or run on past its EOS would fail; only the batch's right
+    # padding may differ in width, and it must be padding
     ids2, mask2 = _prompts(tok, ["Hi"])
     c, cm, _ = sample(model, ids2, mask2, num_samples=3, seeds=[3, 4, 5], **kw)
+    for row_c, mask_c, row_a, mask_a in zip(c, cm, a[3:], am[3:]):
+        assert row_c[mask_c.bool()].tolist() == row_a[mask_a.bool()].tolist()
+        assert mask_c.sum() == mask_a.sum()
     w = cm.size(1)
-    assert torch.equal(c, a[3:, :w]) and torch.equal(cm, am[3:, :w])
+    assert (a[3:, w:] == tok.pad_token_id).all() and (am[3:, w:] == 0).all()
     assert len({tuple(r.tolist()) for r in a}) > 1  # different seeds -> different samples
 
 
@@ -86,3 +91,53 @@ def test_truncated_flag_when_no_eos(tiny):
     out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, -math.inf), ids, mask, max_new_tokens=4, eos_token_ids=eos_ids(tok),
                                pad_token_id=tok.pad_token_id, num_samples=2, seeds=[0, 1])
     assert cmask.tolist() == [[1, 1, 1, 1]] * 2 and trunc.tolist() == [True, True]
+
+
+def test_sampler_and_trainer_logprobs_agree_at_temperature(tiny):
+    """The log-probability the sampler drew each token with equals the trainer's log pi(token) at the
+    same temperature (the ratio of a fresh rollout is 1, not off by a temperature factor)."""
+    from stagewise.rl.logprobs import completion_logprobs
+
+    model, tok = tiny
+    model.eval()
+    ids, mask = _prompts(tok, ["What is 1 + 2?", "Hi"])
+    for temperature in (0.7, 1.3):
+        comp, cmask, _, drawn = sample(model, ids, mask, max_new_tokens=6, eos_token_ids=eos_ids(tok),
+                                       pad_token_id=tok.pad_token_id, num_samples=2, seeds=[1, 2, 3, 4],
+                                       temperature=temperature, with_logprobs=True)
+        with torch.no_grad():
+            trained, _ = completion_logprobs(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0),
+                                             comp, cmask, temperature)
+        m = cmask.bool()
+        assert torch.allclose(drawn[m], trained[m], atol=1e-4), (temperature, (drawn[m] - trained[m]).abs().max())
+        # and at temperature 1 they would differ: the test can tell temperatures apart
+        with torch.no_grad():
+            plain, _ = completion_logprobs(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), comp, cmask)
+        assert (drawn[m] - plain[m]).abs().max() > 1e-2
+
+
+def test_non_finite_logits_are_refused(tiny):
+    import pytest
+
+    from stagewise.errors import TrainingError
+
+    model, tok = tiny
+    ids, mask = _prompts(tok, ["x"])
+    kw = dict(max_new_tokens=3, eos_token_ids=eos_ids(tok), pad_token_id=tok.pad_token_id)
+    with pytest.raises(TrainingError, match="non-finite logits at decode step 0"):
+        sample(EditLogits(model, 5, float("nan")), ids, mask, num_samples=2, seeds=[0, 1], **kw)
+    with pytest.raises(TrainingError, match="non-finite logits"):
+        sample(EditLogits(model, 5, float("inf")), ids, mask, greedy=True, **kw)
+
+    class AllMinusInf(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **k):
+            out = self.m(**k)
+            out.logits[:] = -math.inf
+            return out
+
+    with pytest.raises(TrainingError, match="non-finite logits"):
+        sample(AllMinusInf(model), ids, mask, num_samples=1, seeds=[0], **kw)

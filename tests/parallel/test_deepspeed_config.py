@@ -3,7 +3,7 @@ import json
 import pytest
 
 from stagewise.config import DistConfig
-from stagewise.dist.deepspeed_config import check_user_config, load_user_config, make_deepspeed_config, write_config
+from stagewise.parallel.deepspeed_config import check_user_config, load_user_config, make_deepspeed_config, write_config
 from stagewise.errors import ConfigError
 
 
@@ -36,6 +36,9 @@ def test_user_config_auto_values_filled_and_disagreements_fail():
     ok = check_user_config({"train_batch_size": "auto", "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}},
                            expected, "my.json")
     assert ok["train_batch_size"] == 24 and ok["gradient_accumulation_steps"] == 3 and ok["bf16"]["enabled"] is True
+    assert ok["bf16"]["check_grad_overflow"] is True  # bad steps are skipped through it
+    with pytest.raises(ConfigError, match="my.json: bf16.check_grad_overflow=false"):
+        check_user_config({"bf16": {"enabled": True, "check_grad_overflow": False}}, expected, "my.json")
     with pytest.raises(ConfigError, match="my.json: train_batch_size=32 but the run uses 24"):
         check_user_config({"train_batch_size": 32}, expected, "my.json")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 but the run uses 3"):
@@ -60,10 +63,11 @@ def test_load_and_write(tmp_path):
 
 
 def test_strategy_checks():
-    from stagewise.dist.runtime import check
+    from stagewise.parallel.runtime import check
 
-    with pytest.raises(ConfigError, match="fsdp needs a GPU"):
-        check(DistConfig(strategy="fsdp", cpu=True), 2)
+    check(DistConfig(strategy="fsdp", cpu=True), 2)  # FSDP2 runs on CPU (gloo): parallel/fsdp.py
+    with pytest.raises(Exception, match="fsdp supports mixed_precision bf16 or no"):
+        DistConfig(strategy="fsdp", mixed_precision="fp16")
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         check(DistConfig(mixed_precision="fp16", cpu=True), 1)
     with pytest.raises(Exception, match="needs a ZeRO strategy"):
@@ -71,7 +75,7 @@ def test_strategy_checks():
 
 
 def test_launch_profile_env_sets_strategy(monkeypatch):
-    from stagewise.dist.runtime import resolve_strategy
+    from stagewise.parallel.runtime import resolve_strategy
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")

@@ -4,10 +4,12 @@
                             hidden_size=576, output_dir="runs/x")
 
 single  one process (CPU or one GPU)          ddp   DistributedDataParallel (gloo on CPU)
-zero1/2/3  DeepSpeed through accelerate       fsdp  FSDP2 (GPU only)
+zero1/2/3  DeepSpeed through accelerate       fsdp  FSDP2 ``fully_shard`` (parallel/fsdp.py)
 
 On CPU, DeepSpeed runs on gloo: ``PartialState(backend="gloo")`` must exist before the
-Accelerator. A ZeRO strategy started without a launcher becomes a 1-process DeepSpeed run.
+Accelerator. A ZeRO or FSDP strategy started without a launcher becomes a 1-process run.
+
+Every run ends with ``end_run`` on every rank, whatever happened (see its docstring).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from stagewise.config import DistConfig
 from stagewise.errors import ConfigError
-from stagewise.dist import deepspeed_config as dsc
+from stagewise.parallel import deepspeed_config as dsc
 
 
 # DeepSpeed 0.19 still calls the tensor collectives torch 2.13 deprecates: one warning per call.
@@ -41,11 +43,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_saved_env: dict[str, str | None] = {}  # variables a run changed, put back by end_run
+
+
+def _set_env(key: str, value: str | None) -> None:
+    """Change an environment variable for the duration of the run (end_run restores it), so a later
+    run in the same Python process, or a launcher it starts, never inherits it."""
+    _saved_env.setdefault(key, os.environ.get(key))
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
 def _ensure_process_group_env() -> None:
-    """DeepSpeed needs torch.distributed even for one process: fake a 1-process launcher."""
-    if "LOCAL_RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    """DeepSpeed and FSDP need torch.distributed even for one process: fake a 1-process launcher
+    (a fresh port each run)."""
+    if "LOCAL_RANK" in os.environ:  # started by a real launcher
+        return
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        _set_env(k, v)
+
+
+def _restore_env() -> None:
+    for k, v in _saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _saved_env.clear()
+
+
+def one_process_launch_warning() -> str | None:
+    """`accelerate launch --num_processes N` without --multi_gpu (or a profile) on a machine without
+    GPUs starts ONE process (accelerate's choice); it sets MASTER_ADDR for N > 1 but no WORLD_SIZE."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        return ("warning: `accelerate launch` started 1 process although several were asked for: without "
+                "--multi_gpu (or a launch profile such as accelerate_configs/multi_gpu_ddp.yaml) accelerate runs "
+                "one process on a machine without GPUs. Use `stagewise launch --strategy ddp --num-processes N`, or "
+                "add --multi_gpu / --config_file.")
+    return None
 
 
 def resolve_strategy(dist: DistConfig, world_size: int) -> tuple[DistConfig, str | None]:
@@ -73,35 +112,36 @@ def resolve_strategy(dist: DistConfig, world_size: int) -> tuple[DistConfig, str
 
 def check(dist: DistConfig, world_size: int) -> None:
     cpu = on_cpu(dist)
-    if dist.strategy == "fsdp" and cpu:
-        raise ConfigError("dist.strategy=fsdp needs a GPU (accelerate has no FSDP on CPU); "
-                          "on CPU use ddp or zero1/zero2/zero3")
     if dist.mixed_precision == "fp16" and cpu:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
 
 
 def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, max_grad_norm: float,
                       hidden_size: int, output_dir: str, log_with: list[str] | None = None):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    # A process may run several configs (tests, notebooks): drop the previous run's accelerator
-    # settings; the process group (PartialState) is kept.
-    AcceleratorState._reset_state()
+    # A process may run several configs (tests, notebooks): start from a clean accelerate state
+    # (end_run has left the previous run's process group).
+    AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     cpu = on_cpu(dist)
     check(dist, world_size_from_env())
+    timeout = timedelta(seconds=dist.timeout_s)
     common = dict(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                   log_with=log_with, project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/tb"))
-    if dist.strategy.startswith("zero"):
+    if dist.strategy.startswith("zero") or dist.strategy == "fsdp":
         _ensure_process_group_env()
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if cpu:
-            PartialState(backend="gloo")
-        state = PartialState()
+    if dist.strategy == "fsdp":
+        # we shard with fully_shard ourselves (parallel/fsdp.py): keep accelerate's own FSDP plugin
+        # off, or on GPU it would wrap the model a second time
+        _set_env("ACCELERATE_USE_FSDP", None)
+    if dist.strategy.startswith("zero"):
+        _set_env("ACCELERATE_USE_DEEPSPEED", "true")
+        state = PartialState(backend="gloo", timeout=timeout) if cpu else PartialState(timeout=timeout)
         expected = dsc.make_deepspeed_config(dist, micro_batch=micro_batch, grad_accum=grad_accum,
                                              world_size=state.num_processes, max_grad_norm=max_grad_norm,
                                              hidden_size=hidden_size)
@@ -113,21 +153,42 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
             dsc.write_config(ds, output_dir, dist.strategy)
         # A launch profile's DeepSpeed fields were read by resolve_strategy (stage, offload); the
         # JSON above is complete, so tell accelerate not to expect them from the profile.
-        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        _set_env("ACCELERATE_CONFIG_DS_FIELDS", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         return Accelerator(deepspeed_plugin=plugin, mixed_precision=dist.mixed_precision, **common)
-    if dist.strategy == "fsdp":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                                auto_wrap_policy="transformer_based_wrap",
-                                                state_dict_type="SHARDED_STATE_DICT")
-        return Accelerator(fsdp_plugin=plugin, mixed_precision=dist.mixed_precision, **common)
+    if world_size_from_env() > 1 or dist.strategy == "fsdp":
+        PartialState(cpu=cpu, timeout=timeout)  # the process group, with the run's collective timeout
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     return Accelerator(cpu=cpu, mixed_precision=dist.mixed_precision, kwargs_handlers=kwargs, **common)
 
 
-def describe(acc, micro_batch: int, grad_accum: int) -> str:
+def end_run(acc, tracker, ok: bool) -> None:
+    """The end of every run, on every rank, whatever happened.
+
+    Rank 0 finishes the trackers (TensorBoard) without tearing anything down; if this rank finished
+    its work the ranks meet once more, so none leaves while a peer still needs it; then every rank
+    leaves the process group. After an error there is no barrier: a rank that failed must not wait
+    for peers that may never come (they fail on their next collective, or the launcher stops them).
+    Not ``accelerator.end_training()``: it destroys the process group on rank 0 only when that rank
+    owns the trackers, which left the other ranks failing or hanging at exit.
+    """
+    import torch.distributed as td
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        if tracker is not None:
+            tracker.close()
+        if ok and acc is not None and acc.num_processes > 1:
+            acc.wait_for_everyone()
+    finally:
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        _restore_env()
+
+
+def describe(acc, strategy: str, micro_batch: int, grad_accum: int) -> str:
     eff = micro_batch * grad_accum * acc.num_processes
-    return (f"{acc.distributed_type.value} x{acc.num_processes} on {acc.device} | precision {acc.mixed_precision} | "
+    return (f"{strategy} x{acc.num_processes} on {acc.device} | precision {acc.mixed_precision} | "
             f"effective batch = micro {micro_batch} x accumulation {grad_accum} x processes {acc.num_processes} = {eff}")

@@ -1,5 +1,5 @@
 """GPU-only checks (skipped on CPU): FSDP2, bf16 on CUDA, NCCL DDP. Run on a GPU machine with
-`pytest -m gpu tests/dist/test_gpu.py -s`."""
+`pytest -m gpu tests/parallel/test_gpu.py -s`."""
 
 import json
 import subprocess

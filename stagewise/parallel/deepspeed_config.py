@@ -37,7 +37,9 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": max_grad_norm,
-        "bf16": {"enabled": dist.mixed_precision == "bf16"},
+        # check_grad_overflow: a step with a non-finite gradient norm is skipped on every rank (the
+        # run's bad-step handling relies on it; parallel/engine.py)
+        "bf16": {"enabled": dist.mixed_precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": dist.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
         # we pass torch.optim.AdamW; allow it under ZeRO and with CPU offload
@@ -73,6 +75,11 @@ def check_user_config(user: dict, expected: dict, source: str) -> dict:
         elif bool(have) != want:
             raise ConfigError(f"{source}: {prec}.enabled={have} but dist.mixed_precision asks for "
                               f"{'it' if want else 'no ' + prec}")
+    if out.get("bf16", {}).get("enabled") and out["bf16"].get("check_grad_overflow", True) is False:
+        raise ConfigError(f"{source}: bf16.check_grad_overflow=false, but stagewise skips steps with a non-finite "
+                          f"gradient norm through it; remove the key")
+    if expected["bf16"]["enabled"]:
+        out["bf16"].setdefault("check_grad_overflow", True)
     stage = out.get("zero_optimization", {}).get("stage")
     if stage is not None and stage != expected["zero_optimization"]["stage"]:
         raise ConfigError(f"{source}: zero_optimization.stage={stage} but dist.strategy is "

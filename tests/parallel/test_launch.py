@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from stagewise.cli import build_parser
-from stagewise.dist.launch import build_launch_command, slurm_script
+from stagewise.parallel.launch import build_launch_command, slurm_script
 
 
 def parse(*argv):

@@ -1,0 +1,65 @@
+"""Deliberate faults, switched on by an environment variable, so that the handling of real faults
+can be tested end to end (and checked by users on their own cluster):
+
+    STAGEWISE_FAULTS="nan_loss@step=2"                 every rank, stage step 2
+    STAGEWISE_FAULTS="raise@rank=1,step=2"             rank 1 raises at the start of step 2
+    STAGEWISE_FAULTS="inf_grad@stage=2,step=1-3;raise@rank=0,step=4"
+
+A fault is ``kind@key=value,...``; several are separated by ``;``. Keys: ``stage`` (1-based),
+``step`` (the stage step being computed, 1-based; ``a-b`` is a range), ``rank``. A missing key
+matches everything. Kinds:
+
+    raise      raise InjectedFault at the start of the step (an error on one rank)
+    nan_loss   the training loss of the step is NaN (every micro-batch of that rank)
+    inf_grad   the loss stays finite but its gradient is infinite (a hook on the log-probs)
+
+Unset (the normal case), every check is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+ENV = "STAGEWISE_FAULTS"
+KINDS = ("raise", "nan_loss", "inf_grad")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the ``raise`` fault."""
+
+
+def _matches(value: str, actual: int) -> bool:
+    if "-" in value:
+        lo, hi = value.split("-", 1)
+        return int(lo) <= actual <= int(hi)
+    return int(value) == actual
+
+
+@lru_cache(maxsize=8)
+def _parse(spec: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        kind, _, rest = item.partition("@")
+        if kind not in KINDS:
+            raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
+        keys = tuple(tuple(kv.split("=", 1)) for kv in filter(None, rest.split(",")))
+        for k in keys:
+            if len(k) != 2 or k[0] not in ("stage", "step", "rank"):
+                raise ValueError(f"{ENV}: bad condition {'='.join(k)!r} in {item!r} (use stage=, step=, rank=)")
+        faults.append((kind, keys))
+    return tuple(faults)
+
+
+def active(kind: str, *, stage: int, step: int, rank: int) -> bool:
+    """True when the fault ``kind`` is requested for this (stage, step, rank)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return False
+    where = {"stage": stage, "step": step, "rank": rank}
+    return any(k == kind and all(_matches(v, where[key]) for key, v in conds) for k, conds in _parse(spec))
+
+
+def maybe_raise(*, stage: int, step: int, rank: int) -> None:
+    if active("raise", stage=stage, step=step, rank=rank):
+        raise InjectedFault(f"injected fault on rank {rank} at stage {stage} step {step} ({ENV})")

@@ -1,0 +1,237 @@
+"""Training under any strategy, once the Accelerator exists: wrap the model, take guarded optimizer
+steps, hand out the full fp32 weights, save and load (sharded) state.
+
+    engine = TrainEngine.create(acc, "zero2", PolicyLogprobs(lm), make_optimizer, make_scheduler,
+                                max_grad_norm=1.0, mixed_precision="bf16")
+    for k, mb in enumerate(micro_batches):              # the same number on every rank
+        with engine.accumulate():
+            loss = ...
+            engine.backward(loss, last=k == len(micro_batches) - 1)
+    info = engine.step()          # {"grad_norm": 0.7, "skipped": False, "bad": False}
+    weights = engine.full_state_dict()                  # collective; fp32 master weights on rank 0
+
+single / ddp / zero1-3 go through ``accelerator.prepare`` (DDP, DeepSpeed); fsdp through
+``parallel/fsdp.py`` (torch ``fully_shard``, CPU and GPU alike).
+
+A step is *bad* when a micro-batch loss on any rank, or the gradient norm, is not finite. A bad
+step changes nothing — no optimizer update, gradients dropped — and every rank takes the same
+decision. Under DeepSpeed the engine steps inside ``backward`` and skips by itself when the
+gradient norm is not finite (``bf16.check_grad_overflow``); a non-finite loss on any rank is
+first turned into a non-finite gradient on every rank, so DeepSpeed takes the run's decision.
+fp16 loss-scale overflows are *skipped* steps but not *bad* ones: they are how loss scaling works.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stagewise.parallel import fsdp
+
+
+@dataclass
+class TrainEngine:
+    acc: Any
+    strategy: str
+    model: torch.nn.Module  # what the loop calls: the prepared module (DDP / DeepSpeed) or the sharded one
+    optimizer: Any
+    scheduler: Any
+    max_grad_norm: float  # 0 = no clipping (the norm is still measured)
+    _bad_local: torch.Tensor | None = field(default=None, repr=False)  # non-finite loss seen this step
+    _bad_any: bool = False  # ... on any rank (decided at the last micro-batch)
+    _ds_skipped: int = 0
+
+    @classmethod
+    def create(cls, acc, strategy: str, module: torch.nn.Module, make_optimizer: Callable, make_scheduler: Callable,
+               *, max_grad_norm: float, mixed_precision: str) -> TrainEngine:
+        """module: a ``PolicyLogprobs`` (the HF model is ``module.lm``). A fresh optimizer each call."""
+        if strategy == "fsdp":
+            fsdp.shard_model(module.lm, device=acc.device, world=acc.num_processes, mixed_precision=mixed_precision)
+            optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+            # model and optimizer are checkpointed by fsdp.save; accelerate keeps the schedule, RNG, counters
+            scheduler = acc.prepare_scheduler(make_scheduler(optimizer))
+            model = module
+        else:
+            optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+            model, optimizer, scheduler = acc.prepare(module, optimizer, make_scheduler(optimizer))
+        model.train()
+        engine = cls(acc, strategy, model, optimizer, scheduler, max_grad_norm)
+        engine._ds_skipped = getattr(model, "skipped_steps", 0)
+        return engine
+
+    # --- the modules -----------------------------------------------------------------------
+    @property
+    def deepspeed(self) -> bool:
+        return self.strategy.startswith("zero")
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The PolicyLogprobs module, with accelerate's autocast wrapper left in place (never strip it:
+        ``unwrap_model(keep_fp32_wrapper=False)`` removes autocast from the training forward for good)."""
+        if self.strategy == "fsdp":
+            return self.model
+        return self.acc.unwrap_model(self.model, keep_fp32_wrapper=True)
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        """The HF causal LM being trained (sampling and export use it)."""
+        return self.policy.lm
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.lm, "peft_config")
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every forward is a collective (parameters gathered inside it): ranks must run the
+        same number of forwards while decoding."""
+        return self.acc.num_processes > 1 and self.strategy in ("zero3", "fsdp")
+
+    # --- one optimizer step ------------------------------------------------------------------
+    def accumulate(self):
+        return self.acc.accumulate(self.model)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Backward of one micro-batch loss; ``last`` marks the step's final micro-batch."""
+        if last != self.acc.sync_gradients:
+            raise RuntimeError(f"micro-batch bookkeeping out of step with accelerate (last={last}, "
+                               f"sync_gradients={self.acc.sync_gradients})")
+        bad = ~torch.isfinite(loss.detach()).reshape(1)
+        self._bad_local = bad if self._bad_local is None else self._bad_local | bad
+        if last:
+            votes = self.acc.reduce(self._bad_local.float(), reduction="sum")
+            self._bad_any = bool(votes.item() > 0)
+            if self._bad_any and self.deepspeed:
+                loss = loss * float("nan")  # DeepSpeed's overflow check then skips on every rank
+        self.acc.backward(loss)
+
+    def step(self) -> dict:
+        """At the end of the step's micro-batches: clip, update unless the step is bad, clear gradients."""
+        bad, skipped = self._bad_any, False
+        if self.deepspeed:  # the engine stepped (or skipped) inside the last backward
+            skipped = self.model.skipped_steps != self._ds_skipped
+            self._ds_skipped = self.model.skipped_steps
+            norm = self.model.get_global_grad_norm()
+            norm = float("nan") if norm is None else float(norm)
+            if bad and not skipped:
+                raise RuntimeError("DeepSpeed applied an update to a step with a non-finite loss; "
+                                   "keep bf16.check_grad_overflow enabled in the DeepSpeed config")
+            fp16_overflow = skipped and self.acc.mixed_precision == "fp16" and not bad
+            bad = bad or (skipped and not fp16_overflow)
+        else:
+            norm = self._clip_and_measure()
+            if self.acc.scaler is not None:  # fp16 on GPU: the scaler decides and adapts its scale
+                if not bad:
+                    self.optimizer.step()
+                    skipped = self.optimizer.step_was_skipped
+            else:
+                bad = bad or not math.isfinite(norm)
+                if not bad:
+                    self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_local, self._bad_any = None, False
+        return {"grad_norm": norm, "skipped": bad or skipped, "bad": bad}
+
+    def _clip_and_measure(self) -> float:
+        """Total gradient norm before clipping (identical on every rank: gradients are reduced)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        if self.strategy == "fsdp":
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        else:  # accelerate unscales fp16 gradients first
+            total = self.acc.clip_grad_norm_(params, max_norm)
+        return float(total)
+
+    # --- weights -------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective. The HF model's weights as trained — fp32 master weights under every strategy
+        (DeepSpeed keeps them in its optimizer, FSDP in its shards) — on rank 0; {} elsewhere."""
+        lm = self.lm
+        if self.strategy == "fsdp":
+            sd = fsdp.full_state_dict(lm)
+        elif self.deepspeed:
+            sd = _deepspeed_full_state_dict(lm, zero3=self.strategy == "zero3", keep=self.acc.is_main_process)
+        else:
+            sd = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
+        return sd if self.acc.is_main_process else {}
+
+    def master_dtype(self) -> torch.dtype:
+        """Collective under DeepSpeed. The dtype the optimizer updates (fp32 master weights)."""
+        p = next(p for p in self.lm.parameters() if p.requires_grad)
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            hp = safe_get_full_fp32_param(p)
+            return p.dtype if hp is None else hp.dtype
+        return p.dtype
+
+    def param_fraction(self) -> float:
+        """The fraction of the parameters this rank holds (1/N when sharded, 1 otherwise)."""
+        local = total = 0
+        for p in self.model.parameters():
+            total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a 1/N shard in p.ds_tensor
+            if hasattr(p, "ds_tensor"):
+                local += p.ds_tensor.numel()
+            elif hasattr(p, "to_local"):  # FSDP2 DTensor
+                local += p.to_local().numel()
+            else:
+                local += p.numel()
+        return local / max(total, 1)
+
+    @contextmanager
+    def compute_dtype_probe(self, record: dict):
+        """Record the dtype a Linear layer computes in during the training forward (``record['dtype']``)."""
+        linear = next((m for m in self.lm.modules() if isinstance(m, torch.nn.Linear)), None)
+        if linear is None:
+            yield
+            return
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            record.setdefault("dtype", output.dtype)
+
+        handle = linear.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_state(self, directory: str | Path) -> None:
+        """Collective: everything needed to continue (model, optimizer, schedule, RNG, counters)."""
+        if self.strategy == "fsdp":
+            fsdp.save(self.lm, self.optimizer, directory)
+        self.acc.save_state(str(directory))
+
+    def load_state(self, directory: str | Path) -> None:
+        if self.strategy == "fsdp":
+            fsdp.load(self.lm, self.optimizer, directory)
+        self.acc.load_state(str(directory))
+        self._ds_skipped = getattr(self.model, "skipped_steps", 0)
+
+
+def _deepspeed_full_state_dict(lm, *, zero3: bool, keep: bool) -> dict[str, torch.Tensor]:
+    """Every rank walks the parameters in the same order (each fetch is a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.runtime.zero import GatheredParameters
+
+    keys = set(lm.state_dict().keys())  # under ZeRO-3 the values are empty shards; the names are right
+    out: dict[str, torch.Tensor] = {}
+    for name, p in lm.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:  # frozen (e.g. LoRA's base weights): not in the optimizer, take the module's copy
+            with GatheredParameters([p], enabled=zero3):
+                full = p.data.detach().clone()
+        if keep:
+            out[name] = full.detach().cpu().clone()
+    if keep:
+        for name, b in lm.named_buffers():
+            if name in keys:
+                out[name] = b.detach().cpu().clone()
+    return out
