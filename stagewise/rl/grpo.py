@@ -257,6 +257,7 @@ def train_grpo_stage(job: StageJob) -> dict:
     weights = RolloutWeights(engine, ro.engine, cfg.dist.mixed_precision)
     all_done = make_all_done(acc, engine.lockstep)
     bad_in_a_row, bad_total = 0, 0
+    probe: dict = {}  # the dtype of the stage's first training forward (logged once)
 
     bar = StepProgress(total_steps, f"stage {job.index + 1} {stage.name or '+'.join(stage.domains)}",
                        cfg.logging.progress, start=counters.step)
@@ -311,7 +312,6 @@ def train_grpo_stage(job: StageJob) -> dict:
         # 4. optimise: num_iterations passes, each = gas micro-batches = one optimizer step
         t_train = time.time()
         sums = torch.zeros(5, device=acc.device)  # loss, clipped, kl, entropy, tokens
-        probe: dict = {}
         skipped, grad_norm = 0, float("nan")
         for it in range(gc.num_iterations):
             for k, s in enumerate(range(0, rows_local, gc.micro_batch_size)):

@@ -86,6 +86,9 @@ def test_cli_run_pins_numbers_and_writes_resolved_config(tiny_model_dir, tmp_pat
     assert [x["grad_norm"] for x in steps] == pytest.approx([1.2280869, 0.0, 2.8126316, 1.3085603], rel=1e-4)
     assert [x["entropy"] for x in steps] == pytest.approx([5.5351054, 5.5271708, 5.5182241, 5.4043058], rel=1e-5)
     assert [x["loss"] for x in steps] == pytest.approx([0.0] * 4, abs=1e-6)  # ratio 1: advantages sum to 0
+    # the training forward's real dtype, recorded once per stage
+    assert [(x["stage"], x["train_compute_dtype"]) for x in steps if "train_compute_dtype" in x] == [
+        (1, "bfloat16"), (2, "bfloat16")]
     assert json.loads((tmp_path / "cli" / "curriculum.json").read_text())["rows"] == {
         "0": [0.0, 0.0], "1": [0.0, 0.0], "2": [0.0, 0.0]}
 
