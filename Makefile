@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-sft sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/grpo_vs_trl.py
+
+bench-sft: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/sft_vs_trl.py
+
+# the seeds' SFT ablation (profile / history fields), offline on the bundled model
+sft-sweep: $(STAMP)
+	$(BIN)/python examples/profile_history/make_data.py --out runs/data/profile_history.jsonl
+	$(BIN)/stagewise sweep configs/sft_profile_history.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

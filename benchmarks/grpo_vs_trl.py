@@ -5,7 +5,8 @@
 
 Same model (bundled SmolLM2-135M-Instruct), same prompts (the built-in `max` domain, identical
 list for both), G completions, max new tokens, batch, lr, beta = 0, DAPO loss, same precision
-(fp32, or fp32 weights + bf16 autocast), same number of steps. Each side runs in its own
+(fp32, or fp32 weights + bf16 autocast), same number of steps, no gradient checkpointing on either
+side (TRL 1.16 turns it on by default; it is switched off here to match). Each side runs in its own
 subprocess so that its peak RSS is its own. The first step (warm-up, lazy allocations) is not
 timed. The "raw floor" is HF `generate` + one forward/backward of the same shapes, timed alone.
 """
@@ -126,7 +127,8 @@ def worker_trl(a) -> dict:
                      learning_rate=1e-5, lr_scheduler_type="constant", beta=0.0, loss_type="dapo",
                      scale_rewards="group", temperature=1.0, top_p=1.0, max_steps=a.steps, logging_steps=1,
                      report_to=[], save_strategy="no", use_cpu=True, bf16=a.precision == "bf16",
-                     max_grad_norm=1.0, seed=0, shuffle_dataset=False, dataloader_num_workers=0)
+                     max_grad_norm=1.0, seed=0, shuffle_dataset=False, dataloader_num_workers=0,
+                     gradient_checkpointing=False)  # TRL's default is on; stagewise's off: the same on both
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Timer()])
     trainer.train()

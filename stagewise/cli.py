@@ -2,6 +2,7 @@
 
     stagewise run CONFIG [key=value ...] [--ablation NAME] [--resume] [--overwrite] [--stop-after N]
     stagewise continual [--model M] [--tasks-per-domain N] [key=value ...]   # built-in 3-domain run
+    stagewise sweep CONFIG [--only a,b] [key=value ...]      # every named ablation, compared
     stagewise launch --strategy S --num-processes N [...] CONFIG [key=value ...]
     stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
     stagewise report OUTPUT_DIR
@@ -51,6 +52,14 @@ def _continual(args) -> int:
             overrides += [f"stages.{i}.tasks_per_domain={args.tasks_per_domain}", f"stages.{i}.steps=null"]
     cfg = load_config(THREE_DOMAINS, overrides, args.ablation)
     run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _sweep(args) -> int:
+    from stagewise.sweep import run_sweep
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    run_sweep(args.config, args.overrides, only)
     return 0
 
 
@@ -111,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output-dir")
     run_flags(c)
     c.set_defaults(fn=_continual)
+
+    sw = sub.add_parser("sweep", help="run every named ablation of a config and compare them (sweep.md/csv/png)")
+    sw.add_argument("config")
+    sw.add_argument("--only", help="comma-separated ablation names (default: all)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to every ablation")
+    sw.set_defaults(fn=_sweep)
 
     rep = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
     rep.add_argument("output_dir")

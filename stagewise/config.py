@@ -88,6 +88,20 @@ class GRPOConfig(_Part):
     shared_prompt: bool = True
 
 
+class SFTConfig(_Part):
+    batch_size: int = Field(16, gt=0)  # packed rows per optimizer step, all processes together
+    # rows per forward/backward per process; "auto" probes the largest that fits in memory
+    micro_batch_size: int | Literal["auto"] = "auto"
+    max_seq_len: int = Field(512, ge=16)  # tokens per packed row; longer conversations are truncated
+    packing: bool = True  # several examples per row, no attention across them
+    loss_chunk: int = Field(1024, gt=0)  # learnt positions per cross-entropy chunk (memory vs speed)
+
+
+class DataConfig(_Part):
+    # a malformed record in a data file: stop with file:row (raise), or skip it and count it (skip)
+    on_error: Literal["raise", "skip"] = "raise"
+
+
 class DistConfig(_Part):
     strategy: Literal["single", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "single"
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
@@ -138,20 +152,23 @@ class DomainSpec(_Part):
 
 class StageConfig(_Part):
     name: str | None = None
-    kind: Literal["grpo"] = "grpo"
+    kind: str = "grpo"  # stage kind, from the registry: grpo | sft
     domains: list[str] = Field(min_length=1)
     steps: int | None = Field(None, gt=0)
-    tasks_per_domain: int | None = Field(None, gt=0)  # -> steps = ceil(n * |domains| / prompts)
+    tasks_per_domain: int | None = Field(None, gt=0)  # grpo: -> steps = ceil(n * |domains| / prompts)
+    epochs: float | None = Field(None, gt=0)  # sft: passes over the stage's training data
     replay: float = Field(0.0, ge=0, lt=1)  # fraction of each batch from earlier stages' domains
     # Per-stage partial overrides of the run-level parts, validated against the merged result.
     optim: dict[str, Any] = {}
     rollout: dict[str, Any] = {}
     grpo: dict[str, Any] = {}
+    sft: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _one_length(self) -> StageConfig:
-        if (self.steps is None) == (self.tasks_per_domain is None):
-            raise ValueError("give exactly one of steps or tasks_per_domain")
+        given = [k for k in ("steps", "tasks_per_domain", "epochs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of steps, tasks_per_domain (grpo) or epochs (sft); got {given or 'none'}")
         return self
 
 
@@ -159,6 +176,8 @@ class EvalConfig(_Part):
     max_new_tokens: int = Field(16, gt=0)
     batch_size: int = Field(64, gt=0)
     before_first_stage: bool = True
+    # held-out loss / perplexity of every domain after every stage; None: when the run has an sft stage
+    held_out_loss: bool | None = None
 
 
 class LoggingConfig(_Part):
@@ -180,8 +199,10 @@ class RunConfig(_Part):
     model: ModelConfig = ModelConfig()
     plugins: list[str] = []  # python modules imported first (they register domains/rewards)
     domains: list[DomainSpec] = []
+    data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
+    sft: SFTConfig = SFTConfig()
     optim: OptimConfig = OptimConfig()
     dist: DistConfig = DistConfig()
     eval: EvalConfig = EvalConfig()
@@ -205,7 +226,7 @@ class RunConfig(_Part):
             for d in st.domains:
                 if d not in names:
                     raise ValueError(f"stages.{i}.domains: unknown domain {d!r} (have {names})")
-            for part in ("optim", "rollout", "grpo"):
+            for part in ("optim", "rollout", "grpo", "sft"):
                 merged = {**getattr(self, part).model_dump(), **getattr(st, part)}
                 try:
                     type(getattr(self, part)).model_validate(merged)
@@ -218,12 +239,18 @@ class RunConfig(_Part):
         base = getattr(self, part)
         return type(base).model_validate({**base.model_dump(), **getattr(self.stages[i], part)})
 
-    def stage_steps(self, i: int) -> int:
+    def stage_steps(self, i: int) -> int | None:
+        """Optimizer steps of stage i; None when they depend on the data (epochs)."""
         st = self.stages[i]
         if st.steps is not None:
             return st.steps
+        if st.epochs is not None:
+            return None
         prompts = self.stage_part(i, "rollout").prompts_per_step
         return math.ceil(st.tasks_per_domain * len(st.domains) / prompts)
+
+    def has_kind(self, kind: str) -> bool:
+        return any(st.kind == kind for st in self.stages)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -334,6 +361,11 @@ def check_names(cfg: RunConfig) -> None:
             importlib.import_module(mod)
         except Exception as e:  # a plugin that fails to import is the user's error, named as such
             raise ConfigError(f"plugins.{i}: cannot import {mod!r} ({type(e).__name__}: {e})") from None
+    from stagewise import stages  # noqa: F401  (registers the stage kinds)
+
+    for i, st in enumerate(cfg.stages):
+        if st.kind not in names("stage"):
+            raise ConfigError(f"stages.{i}.kind: unknown stage kind {st.kind!r} (known: {', '.join(names('stage'))})")
     for i in range(len(cfg.stages)):
         g = cfg.stage_part(i, "grpo")
         where = f"stages.{i}.grpo" if cfg.stages[i].grpo else "grpo"

@@ -1,4 +1,5 @@
-"""Held-out accuracy of a domain under greedy decoding (the evaluator behind the accuracy matrix)."""
+"""Held-out accuracy of a domain under greedy decoding (the accuracy matrix) and held-out loss of its
+answers (the loss matrix, for SFT)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,24 @@ def evaluate_domain(model, tokenizer, domain: Domain, *, max_new_tokens: int, ba
     if reduce_sum is not None:
         correct = reduce_sum(correct)
     return float(correct[0] / max(correct[1], 1.0)), samples
+
+
+@torch.no_grad()
+def held_out_loss(model, tokenizer, domain: Domain, *, max_len: int, rows_per_batch: int = 8, rank: int = 0,
+                  world: int = 1, device="cpu",
+                  reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+    """Token-mean NLL of the assistant answers of ``domain.eval`` (this process's share, packed), summed
+    over processes; None when no held-out conversation fits in max_len. exp() of it is the perplexity."""
+    from stagewise.sft.data import pack, tokenize_conversation
+    from stagewise.sft.loss import SFTLoss, collate
+
+    examples = [tokenize_conversation(tokenizer, Domain.conversation(ex), max_len) for ex in domain.eval[rank::world]]
+    rows = pack([e for e in examples if e is not None], max_len)
+    loss_of = SFTLoss(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(rows), rows_per_batch):
+        nll = loss_of(**collate(rows[i:i + rows_per_batch], tokenizer.pad_token_id, device))
+        total += torch.tensor([nll.double().sum().item(), float(nll.numel())], dtype=torch.float64)
+    if reduce_sum is not None:
+        total = reduce_sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None

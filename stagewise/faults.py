@@ -6,12 +6,13 @@ can be tested end to end (and checked by users on their own cluster):
     STAGEWISE_FAULTS="inf_grad@stage=2,step=1-3;raise@rank=0,step=4"
 
 A fault is ``kind@key=value,...``; several are separated by ``;``. Keys: ``stage`` (1-based),
-``step`` (the stage step being computed, 1-based; ``a-b`` is a range), ``rank``. A missing key
-matches everything. Kinds:
+``step`` (the stage step being computed, 1-based; ``a-b`` is a range), ``rank``, ``micro`` (the
+micro-batch size being probed). A missing key matches everything. Kinds:
 
     raise      raise InjectedFault at the start of the step (an error on one rank)
     nan_loss   the training loss of the step is NaN (every micro-batch of that rank)
     inf_grad   the loss stays finite but its gradient is infinite (a hook on the log-probs)
+    oom        the automatic micro-batch probe runs out of memory (STAGEWISE_FAULTS="oom@micro=9-64")
 
 Unset (the normal case), every check is one dictionary lookup.
 """
@@ -22,7 +23,8 @@ import os
 from functools import lru_cache
 
 ENV = "STAGEWISE_FAULTS"
-KINDS = ("raise", "nan_loss", "inf_grad")
+KINDS = ("raise", "nan_loss", "inf_grad", "oom")
+KEYS = ("stage", "step", "rank", "micro")
 
 
 class InjectedFault(RuntimeError):
@@ -45,21 +47,30 @@ def _parse(spec: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         keys = tuple(tuple(kv.split("=", 1)) for kv in filter(None, rest.split(",")))
         for k in keys:
-            if len(k) != 2 or k[0] not in ("stage", "step", "rank"):
-                raise ValueError(f"{ENV}: bad condition {'='.join(k)!r} in {item!r} (use stage=, step=, rank=)")
+            if len(k) != 2 or k[0] not in KEYS:
+                raise ValueError(f"{ENV}: bad condition {'='.join(k)!r} in {item!r} (use {'=, '.join(KEYS)}=)")
         faults.append((kind, keys))
     return tuple(faults)
 
 
-def active(kind: str, *, stage: int, step: int, rank: int) -> bool:
-    """True when the fault ``kind`` is requested for this (stage, step, rank)."""
+def active(kind: str, **where: int) -> bool:
+    """True when the fault ``kind`` is requested here (stage=, step=, rank=, micro=); a condition on
+    a key the caller does not give never matches."""
     spec = os.environ.get(ENV)
     if not spec:
         return False
-    where = {"stage": stage, "step": step, "rank": rank}
-    return any(k == kind and all(_matches(v, where[key]) for key, v in conds) for k, conds in _parse(spec))
+    return any(k == kind and all(key in where and _matches(v, where[key]) for key, v in conds)
+               for k, conds in _parse(spec))
 
 
 def maybe_raise(*, stage: int, step: int, rank: int) -> None:
     if active("raise", stage=stage, step=step, rank=rank):
         raise InjectedFault(f"injected fault on rank {rank} at stage {stage} step {step} ({ENV})")
+
+
+def maybe_oom(**where: int) -> None:
+    if active("oom", **where):
+        import torch
+
+        # worded as torch's own allocator errors, so it is handled exactly like a real one
+        raise torch.OutOfMemoryError(f"simulated: out of memory. ({ENV}, {where})")

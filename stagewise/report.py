@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from stagewise.continual.metrics import continual_metrics  # noqa: E402
+from stagewise.continual.metrics import continual_metrics, loss_metrics  # noqa: E402
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -23,17 +23,17 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def plot_rewards(rows: list[dict], path: Path) -> bool:
-    steps = [r for r in rows if "reward" in r and "stage" in r]
+def plot_curves(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> bool:
+    steps = [r for r in rows if r.get(key) is not None and "stage_step" in r]
     if not steps:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for stage in sorted({r["stage"] for r in steps}):
-        pts = [(r["step"], r["reward"]) for r in steps if r["stage"] == stage]
+        pts = [(r["step"], r[key]) for r in steps if r["stage"] == stage]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"stage {stage}")
     ax.set_xlabel("global step")
-    ax.set_ylabel("mean reward (weighted sum)")
-    ax.set_title("GRPO reward per step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -42,16 +42,25 @@ def plot_rewards(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_matrix(R: list[list[float]], row_labels: list[str], col_labels: list[str], path: Path) -> None:
+def plot_matrix(R: list[list], row_labels: list[str], col_labels: list[str], path: Path,
+                title: str = "held-out accuracy R", unit_range: bool = True) -> None:
+    import math
+
+    vals = [[float("nan") if v is None else v for v in row] for row in R]
+    finite = [v for row in vals for v in row if not math.isnan(v)]
+    lo, hi = (0.0, 1.0) if unit_range else (min(finite, default=0.0), max(finite, default=1.0))
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_labels), 1.2 + 0.6 * len(row_labels)))
-    im = ax.imshow(R, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    im = ax.imshow(vals, cmap="viridis" if unit_range else "viridis_r", vmin=lo, vmax=hi, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels)
     ax.set_yticks(range(len(row_labels)), row_labels)
-    for i, row in enumerate(R):
+    mid = (lo + hi) / 2
+    for i, row in enumerate(vals):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+            text = "-" if math.isnan(v) else f"{v:.2f}"
+            dark = (v < mid) if unit_range else (v > mid)
+            ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black")
     ax.set_xlabel("evaluated domain")
-    ax.set_title("held-out accuracy R")
+    ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -66,35 +75,59 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
     R = [state["rows"][str(k)] for k in present]
     all_labels = ["base"] + [f"after {i + 1}: {'+'.join(s.domains)}" for i, s in enumerate(cfg.stages)]
     labels = [all_labels[k] for k in present]
-    metrics = None
+    L = [state.get("loss_rows", {}).get(str(k)) or [None] * len(domain_names) for k in present]
+    has_acc = any(x is not None for row in R for x in row)
+    has_loss = any(x is not None for row in L for x in row)
+    metrics = lossm = None
     if len(R) == n + 1:
         own = [[domain_names.index(d) for d in s.domains] for s in cfg.stages]
-        metrics = continual_metrics(R, own)
+        metrics = continual_metrics(R, own) if has_acc else None
+        lossm = loss_metrics(L, own) if has_loss else None
     rows = read_metrics(out)
-    has_curve = plot_rewards(rows, out / "reward_curves.png")
-    plot_matrix(R, labels, domain_names, out / "accuracy_matrix.png")
+    has_curve = plot_curves(rows, "reward", "mean reward (weighted sum)", "GRPO reward per step", out / "reward_curves.png")
+    has_loss_curve = plot_curves([r for r in rows if "reward" not in r], "loss", "token-mean NLL",
+                                 "SFT training loss per step", out / "sft_loss_curves.png")
+    if has_acc:
+        plot_matrix(R, labels, domain_names, out / "accuracy_matrix.png")
+    if has_loss:
+        plot_matrix(L, labels, domain_names, out / "loss_matrix.png", "held-out loss L (lower is better)", False)
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
 
     md = [f"# stagewise report — {cfg.name}", "",
           f"Model `{cfg.model.name_or_path}`, {n} stage(s), seed {cfg.seed}, strategy `{cfg.dist.strategy}`"
           + (f", ablation `{cfg.ablation}`" if cfg.ablation else "") + ". Resolved config: `config.yaml`.", "",
-          "## Accuracy matrix (greedy decoding, held-out prompts)", "",
-          "| after | " + " | ".join(domain_names) + " |", "|---|" + "---:|" * len(domain_names)]
-    for lab, row in zip(labels, R):
-        md.append(f"| {lab} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
-    md += ["", "![accuracy matrix](accuracy_matrix.png)", ""]
+          ]
+    if has_acc:
+        md += ["## Accuracy matrix (greedy decoding, held-out prompts)", "",
+               "| after | " + " | ".join(domain_names) + " |", "|---|" + "---:|" * len(domain_names)]
+        md += [f"| {lab} | " + " | ".join(fmt(x) for x in row) + " |" for lab, row in zip(labels, R)]
+        md += ["", "![accuracy matrix](accuracy_matrix.png)", ""]
+    if has_loss:
+        md += ["## Held-out loss matrix (mean NLL of the answers' tokens; perplexity = exp)", "",
+               "| after | " + " | ".join(domain_names) + " |", "|---|" + "---:|" * len(domain_names)]
+        md += [f"| {lab} | " + " | ".join(fmt(x) for x in row) + " |" for lab, row in zip(labels, L)]
+        md += ["", "![loss matrix](loss_matrix.png)", ""]
+        if lossm:
+            md += ["| loss metric | value |", "|---|---:|"]
+            md += [f"| {k} | {fmt(v)} |" for k, v in lossm.items()]
+            md += ["", "loss_BWT < 0 / loss_forgetting > 0: held-out loss of earlier stages' domains rose.", ""]
     if metrics:
         md += ["## Continual-learning metrics", "", "| metric | value |", "|---|---:|"]
         md += [f"| {k} | {v:+.3f} |" if v is not None else f"| {k} | n/a |" for k, v in metrics.items()]
         md += ["", "ACC, BWT, FWT as in GEM (Lopez-Paz & Ranzato 2017) with the base row as b; forgetting as in "
                "Chaudhry et al. 2018; plasticity = mean of R[i, i].", ""]
-    md += ["## Stages", "", "| stage | domains | steps | seconds | first reward | last reward |", "|---|---|---:|---:|---:|---:|"]
+    md += ["## Stages", "", "| stage | kind | domains | steps | seconds | first | last (reward for grpo, loss for sft) |",
+           "|---|---|---|---:|---:|---:|---:|"]
     for i, s in enumerate(cfg.stages):
         res = state.get("stage_results", {}).get(str(i + 1))
         if res:
-            c = res["reward_curve"] or [float("nan")]
-            md.append(f"| {i + 1} | {', '.join(s.domains)} | {res['steps']} | {res['seconds']:.0f} | {c[0]:.3f} | {c[-1]:.3f} |")
+            c = [x for x in res.get("curve", res.get("reward_curve", [])) if x is not None] or [float("nan")]
+            md.append(f"| {i + 1} | {s.kind} | {', '.join(s.domains)} | {res['steps']} | {res['seconds']:.0f} | "
+                      f"{c[0]:.3f} | {c[-1]:.3f} |")
     if has_curve:
         md += ["", "![reward curves](reward_curves.png)"]
+    if has_loss_curve:
+        md += ["", "![SFT loss curves](sft_loss_curves.png)"]
     md += ["", "## Sample completions (greedy)", ""]
     for label, by_dom in state.get("samples", {}).items():
         for dom, smp in by_dom.items():

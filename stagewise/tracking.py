@@ -1,8 +1,12 @@
 """Rank-0 helpers, progress, metrics.jsonl and TensorBoard — the only place that prints or logs.
 
     print0("hello")                       # main process only
-    tracker = Tracker(accelerator, out_dir, tensorboard=True)
+    tracker = Tracker(out_dir, tensorboard=True, config=cfg_dict)
     tracker.log({"reward": 0.4}, step=3)  # metrics.jsonl (+ TensorBoard) on rank 0; no-op elsewhere
+    with PeakMemory() as peak: ...        # peak.mb: the most memory held during the block
+
+The TensorBoard writer is our own (torch.utils.tensorboard), not an accelerate tracker: a run uses
+one Accelerator per stage (each stage its own batch shape), while the log spans the whole run.
 """
 
 from __future__ import annotations
@@ -53,37 +57,93 @@ def _clean(metrics: dict) -> dict:
 
 
 class Tracker:
-    """Appends one JSON object per call to ``metrics.jsonl``; forwards to accelerate's trackers."""
+    """Appends one JSON object per call to ``metrics.jsonl`` and writes the numbers to TensorBoard
+    (``output_dir/tb``), on the main process only."""
 
-    def __init__(self, accelerator, output_dir: str | Path, tensorboard: bool = True, run_name: str = "run",
-                 config: dict | None = None):
-        self.acc = accelerator
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, config: dict | None = None):
+        self.main = is_main()
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb = False
-        if accelerator.is_main_process and tensorboard:
+        self.writer = None
+        if self.main and tensorboard:
             try:
-                accelerator.init_trackers(run_name, config=_flat(config or {}))
-                self.tb = True
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
+                if config:
+                    self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(config).items()))
             except Exception as e:  # tensorboard missing or unwritable: keep training, say why
                 print0(f"[stagewise] TensorBoard disabled: {e}")
 
     def log(self, metrics: dict, step: int | None = None) -> None:
-        if not self.acc.is_main_process:
+        if not self.main:
             return
         row = _clean({**metrics, "step": step, "time": time.time()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
-        if self.tb:
-            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
+                    self.writer.add_scalar(k, v, global_step=step)
+            self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close the trackers (rank 0). The process group is left by runtime.end_run."""
-        if self.tb:
-            for t in self.acc.trackers:
-                t.finish()
-            self.tb = False
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class PeakMemory:
+    """The most memory the process held during the block: CUDA allocator peak on GPU, resident set
+    size (sampled every 50 ms by a thread) on CPU. ``resource.getrusage`` is no use here: it is the
+    peak of the whole process, and a sweep runs several configurations in one process."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.mb = interval, 0.0
+        self._stop = None
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def start(self) -> PeakMemory:
+        return self.__enter__()
+
+    def stop(self) -> float:
+        self.__exit__(None, None, None)
+        return self.mb
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = threading.Event()
+        self.mb = self.rss_mb()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.mb = max(self.mb, self.rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.mb = max(self.mb, self.rss_mb())
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

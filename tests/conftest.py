@@ -14,9 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}A:{% endif %}")
+# a role-tagged, prefix-preserving template (ChatML-like) for SFT: each turn ends with <eos>
+CHATML_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def build_tokenizer():
+def build_tokenizer(template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +31,7 @@ def build_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = template
     return tok
 
 
@@ -44,8 +47,8 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-def make_tiny_dir(path: Path, seed: int = 0) -> Path:
-    tok = build_tokenizer()
+def make_tiny_dir(path: Path, seed: int = 0, template: str = CHAT_TEMPLATE) -> Path:
+    tok = build_tokenizer(template)
     model = build_tiny_model(len(tok), seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -55,6 +58,12 @@ def make_tiny_dir(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """The same tiny model with a role-tagged chat template (SFT needs to find assistant turns)."""
+    return make_tiny_dir(tmp_path_factory.mktemp("tiny_chat") / "model", template=CHATML_TEMPLATE)
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ Output directory:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -20,37 +21,20 @@ from pathlib import Path
 
 import torch
 
-from stagewise.checkpoint import Counters, is_exported, latest_checkpoint
+from stagewise import stages  # noqa: F401  (registers the stage kinds)
+from stagewise.checkpoint import is_exported, latest_checkpoint
 from stagewise.config import RunConfig, dump_config
+from stagewise.continual.stage import StageJob
 from stagewise.domains import Domain, build_domain
 from stagewise.errors import ConfigError, StagewiseError
-from stagewise.evaluation import evaluate_domain
+from stagewise.evaluation import evaluate_domain, held_out_loss
 from stagewise.models import load_model, load_model_config, load_tokenizer, replicated_init, resolve_model_path
-from stagewise.continual.metrics import continual_metrics
+from stagewise.continual.metrics import continual_metrics, loss_metrics
 from stagewise.parallel import runtime
-from stagewise.rl.grpo import StageJob, make_all_done, train_grpo_stage
+from stagewise.registry import lookup
 from stagewise.tracking import Tracker, print0
 
 STATE = "curriculum.json"
-
-
-def check_shapes(cfg: RunConfig, world: int) -> int:
-    """Validate batch divisibility for every stage; return the (common) accumulation steps."""
-    gases = set()
-    for i in range(len(cfg.stages)):
-        ro, gc = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "grpo")
-        if ro.prompts_per_step % world:
-            raise ConfigError(f"stages.{i}: rollout.prompts_per_step={ro.prompts_per_step} must be divisible by "
-                              f"the {world} processes (groups are kept whole per process)")
-        rows = ro.prompts_per_step // world * ro.num_generations
-        if rows % gc.micro_batch_size:
-            raise ConfigError(f"stages.{i}: grpo.micro_batch_size={gc.micro_batch_size} must divide the "
-                              f"{rows} completions each process trains on per step")
-        gases.add(rows // gc.micro_batch_size)
-    if len(gases) > 1:
-        raise ConfigError(f"stages: every stage must use the same number of micro-batches per step "
-                          f"(got {sorted(gases)}); keep prompts_per_step x G / micro_batch_size equal")
-    return gases.pop()
 
 
 def stage_dir(cfg: RunConfig, i: int) -> Path:
@@ -70,29 +54,41 @@ def _save_state(out: Path, state: dict) -> None:
     os.replace(tmp, out / STATE)
 
 
-def evaluate_row(acc, cfg: RunConfig, tok, weights_path: str, domains: list[Domain], tracker: Tracker,
-                 label: str, step: int) -> tuple[list[float], dict]:
-    """Greedy held-out accuracy of every domain for the weights at ``weights_path`` (collective)."""
+def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Domain], tracker: Tracker,
+                 label: str, step: int) -> tuple[list, list, dict]:
+    """Held-out accuracy (greedy) of every domain with a metric, and held-out loss of every domain's
+    answers when ``eval.held_out_loss`` (default: the run has an sft stage), for the weights at
+    ``weights_path``. Collective. state: the run's process state. -> (accuracy row, loss row, samples);
+    a cell is None where it is not defined."""
     dtype = torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32
     with replicated_init():
         model = load_model(weights_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                           dtype=dtype).to(acc.device).eval()
-    all_done = make_all_done(acc, False)
-    row, samples = [], {}
+                           dtype=dtype).to(state.device).eval()
+    with_loss = cfg.eval.held_out_loss if cfg.eval.held_out_loss is not None else cfg.has_kind("sft")
+    max_len = max((cfg.stage_part(i, "sft").max_seq_len for i, s in enumerate(cfg.stages) if s.kind == "sft"),
+                  default=cfg.sft.max_seq_len)
+    reduce = lambda t: runtime.reduce_sum(t.to(state.device)).cpu()  # noqa: E731
+    row, losses, samples = [], [], {}
     t0 = time.time()
     for dom in domains:
-        accuracy, smp = evaluate_domain(model, tok, dom, max_new_tokens=cfg.eval.max_new_tokens,
-                                        batch_size=cfg.eval.batch_size, rank=acc.process_index,
-                                        world=acc.num_processes, device=acc.device,
-                                        reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
-                                        all_done=all_done)
+        accuracy = None
+        if dom.metric is not None:
+            accuracy, samples[dom.name] = evaluate_domain(
+                model, tok, dom, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                rank=state.process_index, world=state.num_processes, device=state.device, reduce_sum=reduce)
         row.append(accuracy)
-        samples[dom.name] = smp
-    tracker.log({"eval_row": label, **{f"eval/{d.name}": a for d, a in zip(domains, row)},
+        losses.append(held_out_loss(model, tok, dom, max_len=max_len, rank=state.process_index,
+                                    world=state.num_processes, device=state.device, reduce_sum=reduce)
+                      if with_loss else None)
+    tracker.log({"eval_row": label, **{f"eval/{d.name}": a for d, a in zip(domains, row) if a is not None},
+                 **{f"eval_loss/{d.name}": x for d, x in zip(domains, losses) if x is not None},
+                 **{f"eval_perplexity/{d.name}": math.exp(min(x, 50.0)) for d, x in zip(domains, losses) if x is not None},
                  "eval_time": time.time() - t0}, step=step)
-    print0(f"[stagewise] eval {label}: " + "  ".join(f"{d.name} {a:.3f}" for d, a in zip(domains, row)))
+    shown = [f"{d.name} {a:.3f}" for d, a in zip(domains, row) if a is not None]
+    shown += [f"{d.name} loss {x:.3f}" for d, x in zip(domains, losses) if x is not None]
+    print0(f"[stagewise] eval {label}: " + "  ".join(shown))
     del model
-    return row, samples
+    return row, losses, samples
 
 
 RUN_MARKER = ".stagewise-run"
@@ -137,24 +133,31 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
         cfg = cfg.model_copy(update={"dist": dist})
         print0(f"[stagewise] {note}")
     runtime.check(cfg.dist, world)
-    gas = check_shapes(cfg, world)
+    for i, st in enumerate(cfg.stages):
+        lookup("stage", st.kind).check(cfg, i, world)
     check_output_dir(out, resume=resume, overwrite=overwrite)
     for mod in cfg.plugins:
         __import__(mod)
-    domains = [build_domain(spec, cfg.seed) for spec in cfg.domains]
+    domains = [build_domain(spec, cfg.seed, on_error=cfg.data.on_error) for spec in cfg.domains]
+    for d in domains:
+        if d.skipped:
+            print0(f"[stagewise] domains.{d.name}: skipped {len(d.skipped)} malformed record(s) (data.on_error=skip); "
+                   f"first: {d.skipped[0]}")
+    for i, st in enumerate(cfg.stages):
+        if lookup("stage", st.kind).needs_reward:
+            for name in st.domains:
+                if not next(d for d in domains if d.name == name).rewards:
+                    raise ConfigError(f"stages.{i}: domain {name!r} defines no reward, and a {st.kind} stage learns "
+                                      f"from one (set domains[].rewards or args.reward)")
     # model conversion (GGUF -> safetensors cache) happens once, before the process group exists
     # on every rank; the file lock in models.convert_gguf makes concurrent ranks wait for one.
     base_path = resolve_model_path(cfg.model.name_or_path)
-    hidden = getattr(load_model_config(base_path, cfg.model.trust_remote_code), "hidden_size", 1024)
+    load_model_config(base_path, cfg.model.trust_remote_code)  # one clear line now if it cannot load
 
-    gc0 = cfg.stage_part(0, "grpo")
-    acc, tracker, ok = None, None, False
+    tracker, ok = None, False
     try:
-        acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc0.micro_batch_size,
-                                        max_grad_norm=cfg.stage_part(0, "optim").max_grad_norm, hidden_size=hidden,
-                                        output_dir=str(out),
-                                        log_with=["tensorboard"] if cfg.logging.tensorboard else None)
-        if acc.is_main_process:
+        state = runtime.start_run(cfg.dist)
+        if state.is_main_process:
             if overwrite and not resume and out.exists():
                 for p in out.glob("*"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -162,71 +165,72 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_MARKER).write_text("written by stagewise; marks this directory as a run output\n")
             dump_config(cfg, out / "config.yaml")
-        acc.wait_for_everyone()
-        tracker = Tracker(acc, out, tensorboard=cfg.logging.tensorboard, run_name=cfg.name,
-                          config=cfg.model_dump(mode="json", exclude={"ablations"}))
-        result = _run_stages(cfg, acc, tracker, domains, base_path, gas, resume=resume, stop_after=stop_after)
+        runtime.barrier()
+        tracker = Tracker(out, tensorboard=cfg.logging.tensorboard, config=cfg.model_dump(mode="json", exclude={"ablations"}))
+        skipped = {f"data_skipped/{d.name}": len(d.skipped) for d in domains if d.skipped}
+        if skipped:
+            tracker.log(skipped, step=0)
+        result = _run_stages(cfg, state, tracker, domains, base_path, resume=resume, stop_after=stop_after)
         ok = True
         return result
     finally:
-        runtime.end_run(acc, tracker, ok)
+        runtime.end_run(tracker, ok)
 
 
-def _run_stages(cfg: RunConfig, acc, tracker: Tracker, domains: list[Domain], base_path: str, gas: int, *,
+def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Domain], base_path: str, *,
                 resume: bool, stop_after: int | None) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     by_name = {d.name: d for d in domains}
-    print0(f"[stagewise] {runtime.describe(acc, cfg.dist.strategy, cfg.stage_part(0, 'grpo').micro_batch_size, gas)}")
-    print0(f"[stagewise] model {cfg.model.name_or_path} -> {base_path}; output {out}")
+    print0(f"[stagewise] {cfg.dist.strategy} x{dist_state.num_processes} on {dist_state.device}; "
+           f"model {cfg.model.name_or_path} -> {base_path}; output {out}")
     tok = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    counters = Counters()
-    acc.register_for_checkpointing(counters)
-    state = _load_state(out) if resume else {"rows": {}, "stage_results": {}}
+    state = _load_state(out) if resume else {"rows": {}, "loss_rows": {}, "stage_results": {}}
+    state.setdefault("loss_rows", {})
+
+    def evaluate(path: str, key: str, label: str, step: int) -> None:
+        state["rows"][key], state["loss_rows"][key], samples[label] = evaluate_row(
+            dist_state, cfg, tok, path, domains, tracker, label if key == "0" else f"after {label}", step)
+        if dist_state.is_main_process:
+            _save_state(out, {**state, "samples": samples})
+        runtime.barrier()
 
     offset = 0
     samples = state.get("samples", {})
     if cfg.eval.before_first_stage and "0" not in state["rows"]:
-        state["rows"]["0"], samples["base"] = evaluate_row(acc, cfg, tok, base_path, domains, tracker, "base", 0)
-        if acc.is_main_process:
-            _save_state(out, {**state, "samples": samples})
+        evaluate(base_path, "0", "base", 0)
     prev_path = base_path
     stopped = False
     for i, st in enumerate(cfg.stages):
         sdir = stage_dir(cfg, i)
-        steps = cfg.stage_steps(i)
-        done = is_exported(sdir / "model") and str(i + 1) in state["rows"]
-        if not done:
-            if not is_exported(sdir / "model"):
-                if stop_after is not None and offset >= stop_after:
-                    stopped = True
-                    break
-                gc = cfg.stage_part(i, "grpo")
-                ref_path = None if gc.beta == 0 else (base_path if gc.reference == "base" else prev_path)
-                replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in st.domains]
-                job = StageJob(cfg=cfg, index=i, accelerator=acc, tokenizer=tok,
-                               domains=[by_name[d] for d in st.domains], replay_domains=list(dict.fromkeys(replay)),
-                               init_path=prev_path, ref_path=ref_path, out_dir=sdir, tracker=tracker,
-                               counters=counters, resume=resume and latest_checkpoint(sdir) is not None,
-                               stop_after=None if stop_after is None else stop_after - offset,
-                               global_step_offset=offset)
-                t0 = time.time()
-                print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {st.kind} on {', '.join(st.domains)} "
-                       f"for {steps} steps" + (f", replay {st.replay:.0%}" if st.replay else ""))
-                res = train_grpo_stage(job)
-                if res["stopped"]:
-                    stopped = True
-                    break
-                state["stage_results"][str(i + 1)] = {"steps": steps, "seconds": time.time() - t0,
-                                                      "reward_curve": job.curve}
-            row, samples[f"stage {i + 1}"] = evaluate_row(acc, cfg, tok, str(sdir / "model"), domains, tracker,
-                                                          f"after stage {i + 1}", offset + steps)
-            state["rows"][str(i + 1)] = row
-            if acc.is_main_process:
-                _save_state(out, {**state, "samples": samples})
-            acc.wait_for_everyone()
+        if not is_exported(sdir / "model"):
+            if stop_after is not None and offset >= stop_after:
+                stopped = True
+                break
+            gc = cfg.stage_part(i, "grpo")
+            ref_path = None if gc.beta == 0 else (base_path if gc.reference == "base" else prev_path)
+            replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in st.domains]
+            job = StageJob(cfg=cfg, index=i, tokenizer=tok, domains=[by_name[d] for d in st.domains],
+                           replay_domains=list(dict.fromkeys(replay)), init_path=prev_path, ref_path=ref_path,
+                           out_dir=sdir, run_dir=out, tracker=tracker,
+                           resume=resume and latest_checkpoint(sdir) is not None,
+                           stop_after=None if stop_after is None else stop_after - offset,
+                           global_step_offset=offset)
+            t0 = time.time()
+            length = f"{cfg.stage_steps(i)} steps" if cfg.stage_steps(i) else f"{st.epochs:g} epochs"
+            print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {st.kind} on {', '.join(st.domains)} for {length}"
+                   + (f", replay {st.replay:.0%}" if st.replay else ""))
+            res = lookup("stage", st.kind).train(job)
+            if res["stopped"]:
+                stopped = True
+                break
+            state["stage_results"][str(i + 1)] = {"kind": st.kind, "steps": res["steps"], "seconds": time.time() - t0,
+                                                  "curve": job.curve}
+        steps = json.loads((sdir / "model" / "stagewise.json").read_text())["steps"]
+        if str(i + 1) not in state["rows"]:
+            evaluate(str(sdir / "model"), str(i + 1), f"stage {i + 1}", offset + steps)
         prev_path = str(sdir / "model")
         offset += steps
 
@@ -234,38 +238,48 @@ def _run_stages(cfg: RunConfig, acc, tracker: Tracker, domains: list[Domain], ba
     if not stopped:
         present = [k for k in range(len(cfg.stages) + 1) if str(k) in state["rows"]]
         rows = [state["rows"][str(k)] for k in present]
+        losses = [state["loss_rows"].get(str(k)) for k in present]
         result["matrix"] = rows
+        if any(x is not None for row in losses if row for x in row):
+            result["loss_matrix"] = losses
         if len(rows) == len(cfg.stages) + 1:
             own = [[[d.name for d in domains].index(n) for n in st.domains] for st in cfg.stages]
             result["metrics"] = continual_metrics(rows, own)
-        if acc.is_main_process:
+            if "loss_matrix" in result:
+                result["loss_metrics"] = loss_metrics(losses, own)
+        if dist_state.is_main_process:
             final = out / "final_model"
             shutil.rmtree(final, ignore_errors=True)
             shutil.copytree(prev_path, final)
             state["metrics"] = result.get("metrics")
+            state["loss_metrics"] = result.get("loss_metrics")
             _save_state(out, {**state, "samples": samples})
             from stagewise.report import write_report
 
             write_report(out, cfg, [d.name for d in domains])
-            print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"))
+            print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"), losses)
     else:
         print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
     return result
 
 
-def print_matrix(cfg: RunConfig, names: list[str], present: list[int], rows: list[list[float]],
-                 metrics: dict | None) -> None:
+def print_matrix(cfg: RunConfig, names: list[str], present: list[int], rows: list[list], metrics: dict | None,
+                 losses: list | None = None) -> None:
     from rich.table import Table
 
     from stagewise.tracking import _console
 
-    t = Table(title="accuracy matrix R[row, domain] (greedy, held-out)")
-    t.add_column("after")
-    for n in names:
-        t.add_column(n, justify="right")
     labels = ["base"] + [f"stage {i + 1} ({'+'.join(s.domains)})" for i, s in enumerate(cfg.stages)]
-    for lab, row in zip([labels[k] for k in present], rows):
-        t.add_row(lab, *(f"{x:.3f}" for x in row))
-    _console.print(t)
+    for title, table_rows in (("accuracy matrix R (greedy, held-out)", rows),
+                              ("held-out loss L (assistant tokens, mean NLL)", losses or [])):
+        if not any(x is not None for row in table_rows if row for x in row):
+            continue
+        t = Table(title=title)
+        t.add_column("after")
+        for n in names:
+            t.add_column(n, justify="right")
+        for lab, row in zip([labels[k] for k in present], table_rows):
+            t.add_row(lab, *("-" if x is None else f"{x:.3f}" for x in (row or [None] * len(names))))
+        _console.print(t)
     if metrics:
         _console.print("  ".join(f"{k} {v:+.3f}" if v is not None else f"{k} n/a" for k, v in metrics.items()))

@@ -23,17 +23,27 @@ from stagewise.registry import lookup
 @dataclass(eq=False)
 class Domain:
     name: str
-    train: list[dict]  # {"prompt": str | list[chat message], "answer": str, ...}
+    train: list[dict]  # {"prompt": str | list[chat message], "answer": str, "messages"?: [...], ...}
     eval: list[dict]  # disjoint from train
-    rewards: list[tuple[str, float]]  # (reward name, weight); the weighted sum trains GRPO
-    metric: str  # reward whose value 1.0 counts as "correct" in held-out accuracy
+    rewards: list[tuple[str, float]]  # (reward name, weight); the weighted sum trains GRPO; [] = none
+    metric: str | None  # reward whose value 1.0 counts as "correct" in held-out accuracy; None = none
     reward_fns: dict[str, Callable] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # malformed records skipped (data.on_error: skip)
 
     def __post_init__(self):
-        for name, _ in self.rewards + [(self.metric, 1.0)]:
+        for name, _ in self.rewards + ([(self.metric, 1.0)] if self.metric else []):
             self.reward_fns[name] = lookup("reward", name)
         if not self.train or not self.eval:
             raise ConfigError(f"domains.{self.name}: empty split (train {len(self.train)}, eval {len(self.eval)})")
+
+    @staticmethod
+    def conversation(example: dict) -> list[dict]:
+        """The example as a chat conversation ending with the assistant's answer (what SFT learns)."""
+        if "messages" in example:
+            return example["messages"]
+        prompt = example["prompt"]
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return msgs + [{"role": "assistant", "content": str(example["answer"])}]
 
     def score(self, text: str, example: dict) -> dict[str, float]:
         """Each reward's value for one completion, plus '_total' (weighted sum)."""
@@ -42,6 +52,8 @@ class Domain:
         return parts
 
     def correct(self, text: str, example: dict) -> bool:
+        if self.metric is None:
+            raise ValueError(f"domain {self.name} defines no accuracy metric")
         return self.reward_fns[self.metric](text, example) >= 1.0
 
 
@@ -54,8 +66,10 @@ def split_items(items: list, eval_size: int, train_size: int, seed: int, name: s
     return items[eval_size: eval_size + train_size], items[:eval_size]
 
 
-def build_domain(spec: DomainSpec, seed: int) -> Domain:
+def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise") -> Domain:
+    """on_error: the run's data.on_error, the default for builders that read files (args may override)."""
     kind = spec.type or spec.name
+    spec = spec.model_copy(update={"args": {"on_error": on_error, **spec.args}})
     if ":" in kind:  # plugin: "package.module:function"
         mod, fn = kind.split(":", 1)
         try:
@@ -68,5 +82,7 @@ def build_domain(spec: DomainSpec, seed: int) -> Domain:
     if not isinstance(dom, Domain):
         raise ConfigError(f"domains.{spec.name}: builder {kind!r} returned {type(dom).__name__}, not a Domain")
     if spec.rewards is not None:
-        dom = Domain(dom.name, dom.train, dom.eval, [(r.name, r.weight) for r in spec.rewards], dom.metric)
+        rewards = [(r.name, r.weight) for r in spec.rewards]
+        dom = Domain(dom.name, dom.train, dom.eval, rewards, dom.metric or (rewards[0][0] if rewards else None),
+                     skipped=dom.skipped)
     return dom

@@ -18,6 +18,7 @@ from stagewise.config import DomainSpec
 from stagewise.domains.base import Domain, split_items
 from stagewise.errors import ConfigError, DataError
 from stagewise.registry import register
+from stagewise.sft.data import read_records
 
 REWARD_TYPES = {"exact": "exact", "numeric": "numeric", "contains": "contains", "regex": "regex"}
 
@@ -34,33 +35,43 @@ def _check_prompt(prompt, where: str) -> None:
             raise DataError(f"{where}: each chat message needs string 'role' and 'content'")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+def _check_record(obj: dict, where: str) -> dict:
+    for key in ("prompt", "answer"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key '{key}'")
+    _check_prompt(obj["prompt"], where)
+    if not isinstance(obj["answer"], (str, int, float)) or isinstance(obj["answer"], bool):
+        raise DataError(f"{where}: 'answer' must be a string or a number")
+    return {**obj, "answer": str(obj["answer"])}
+
+
+def read_jsonl(path: str | Path, on_error: str = "raise") -> tuple[list[dict], list[str]]:
+    """-> (records, problems skipped). A UTF-8 BOM and blank lines are fine."""
+    records, skipped = read_records(path, on_error)
     rows = []
-    with path.open(encoding="utf-8-sig") as fh:  # editors may write a BOM
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("prompt", "answer"):
-                if key not in obj:
-                    raise DataError(f"{where}: missing key '{key}'")
-            _check_prompt(obj["prompt"], where)
-            if not isinstance(obj["answer"], (str, int, float)) or isinstance(obj["answer"], bool):
-                raise DataError(f"{where}: 'answer' must be a string or a number")
-            obj["answer"] = str(obj["answer"])
-            rows.append(obj)
+    for where, obj in records:
+        try:
+            rows.append(_check_record(obj, where))
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            skipped.append(str(e))
     if not rows:
         raise DataError(f"{path}: no examples")
-    return rows
+    return rows, skipped
+
+
+def split_by_prompt(rows: list[dict], spec: DomainSpec, seed: int, key=None) -> tuple[list[dict], list[dict]]:
+    """Seeded train / held-out split by distinct prompt (or ``key(row)``), so a prompt repeated in the
+    file cannot land on both sides; a small file keeps about a fifth for held-out."""
+    key = key or (lambda r: json.dumps(r["prompt"], sort_keys=True))
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(key(r), []).append(r)
+    keys = sorted(by_prompt)
+    eval_size = min(spec.eval_size, max(1, len(keys) // 5)) if len(keys) <= spec.eval_size else spec.eval_size
+    train_keys, eval_keys = split_items(keys, eval_size, spec.train_size, seed, spec.name)
+    return [r for k in train_keys for r in by_prompt[k]], [r for k in eval_keys for r in by_prompt[k]]
 
 
 @register("domain", "jsonl")
@@ -70,14 +81,6 @@ def jsonl_domain(spec: DomainSpec, seed: int) -> Domain:
     reward = spec.args.get("reward", "exact")
     if reward not in REWARD_TYPES:
         raise ConfigError(f"domains.{spec.name}.args.reward: {reward!r} is not one of {sorted(REWARD_TYPES)}")
-    rows = read_jsonl(spec.args["path"])
-    # split by distinct prompt so a prompt repeated in the file cannot land on both sides
-    by_prompt: dict[str, list[dict]] = {}
-    for r in rows:
-        by_prompt.setdefault(json.dumps(r["prompt"], sort_keys=True), []).append(r)
-    keys = sorted(by_prompt)
-    eval_size = min(spec.eval_size, max(1, len(keys) // 5)) if len(keys) <= spec.eval_size else spec.eval_size
-    train_keys, eval_keys = split_items(keys, eval_size, spec.train_size, seed, spec.name)
-    train = [r for k in train_keys for r in by_prompt[k]]
-    held = [r for k in eval_keys for r in by_prompt[k]]
-    return Domain(spec.name, train, held, [(REWARD_TYPES[reward], 1.0)], REWARD_TYPES[reward])
+    rows, skipped = read_jsonl(spec.args["path"], spec.args.get("on_error", "raise"))
+    train, held = split_by_prompt(rows, spec, seed)
+    return Domain(spec.name, train, held, [(REWARD_TYPES[reward], 1.0)], REWARD_TYPES[reward], skipped=skipped)

@@ -102,8 +102,8 @@ def load_user_config(path: str) -> dict:
         raise ConfigError(f"dist.deepspeed_config: {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def write_config(cfg: dict, output_dir: str | Path, strategy: str) -> Path:
-    path = Path(output_dir) / "deepspeed_config" / f"ds_config_zero{STAGES[strategy]}.json"
+def write_config(cfg: dict, directory: str | Path, strategy: str) -> Path:
+    path = Path(directory) / f"ds_config_zero{STAGES[strategy]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2))
     return path

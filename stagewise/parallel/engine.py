@@ -51,7 +51,7 @@ class TrainEngine:
                *, max_grad_norm: float, mixed_precision: str) -> TrainEngine:
         """module: a ``PolicyLogprobs`` (the HF model is ``module.lm``). A fresh optimizer each call."""
         if strategy == "fsdp":
-            fsdp.shard_model(module.lm, device=acc.device, world=acc.num_processes, mixed_precision=mixed_precision)
+            fsdp.shard_model(module, device=acc.device, world=acc.num_processes, mixed_precision=mixed_precision)
             optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
             # model and optimizer are checkpointed by fsdp.save; accelerate keeps the schedule, RNG, counters
             scheduler = acc.prepare_scheduler(make_scheduler(optimizer))
@@ -85,6 +85,15 @@ class TrainEngine:
     @property
     def is_lora(self) -> bool:
         return hasattr(self.lm, "peft_config")
+
+    @contextmanager
+    def lm_for_direct_calls(self):
+        """The HF model, ready to be called directly (sampling): under FSDP its root unit is gathered."""
+        if self.strategy == "fsdp":
+            with fsdp.unsharded_root(self.model):
+                yield self.lm
+        else:
+            yield self.lm
 
     @property
     def lockstep(self) -> bool:
@@ -156,7 +165,7 @@ class TrainEngine:
         (DeepSpeed keeps them in its optimizer, FSDP in its shards) — on rank 0; {} elsewhere."""
         lm = self.lm
         if self.strategy == "fsdp":
-            sd = fsdp.full_state_dict(lm)
+            sd = fsdp.full_state_dict(self.model)
         elif self.deepspeed:
             sd = _deepspeed_full_state_dict(lm, zero3=self.strategy == "zero3", keep=self.acc.is_main_process)
         else:
@@ -206,12 +215,12 @@ class TrainEngine:
     def save_state(self, directory: str | Path) -> None:
         """Collective: everything needed to continue (model, optimizer, schedule, RNG, counters)."""
         if self.strategy == "fsdp":
-            fsdp.save(self.lm, self.optimizer, directory)
+            fsdp.save(self.model, self.optimizer, directory)
         self.acc.save_state(str(directory))
 
     def load_state(self, directory: str | Path) -> None:
         if self.strategy == "fsdp":
-            fsdp.load(self.lm, self.optimizer, directory)
+            fsdp.load(self.model, self.optimizer, directory)
         self.acc.load_state(str(directory))
         self._ds_skipped = getattr(self.model, "skipped_steps", 0)
 

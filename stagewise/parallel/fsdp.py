@@ -1,8 +1,9 @@
 """FSDP2 (torch ``fully_shard``) for ``dist.strategy: fsdp`` — the same code on CPU (gloo) and GPU.
 
-    lm = shard_model(lm, device=acc.device, world=acc.num_processes, mixed_precision="bf16")
-    optimizer = torch.optim.AdamW(lm.parameters(), ...)     # built on the sharded parameters
-    full = full_state_dict(lm)                             # collective; fp32 on rank 0
+    shard_model(policy, device=acc.device, world=acc.num_processes, mixed_precision="bf16")
+    optimizer = torch.optim.AdamW(policy.parameters(), ...)  # built on the sharded parameters
+    full = full_state_dict(policy)                          # collective; fp32 on rank 0 (HF names)
+    with unsharded_root(policy): sample(policy.lm, ...)     # calling the HF model directly
 
 Why our own wrapping rather than accelerate's FSDP plugin: accelerate 1.15 turns the plugin on only
 for GPU-like devices (on CPU the run silently stays DDP-less MULTI_CPU, nothing sharded), which
@@ -11,13 +12,17 @@ shards the model here and uses accelerate only for the process group, gradient a
 the rest of the run. The model is therefore *not* passed to ``accelerator.prepare``.
 
 Layout: one FSDP unit per decoder layer (the classes the model names in ``_no_split_modules``)
-plus the root (embeddings, final norm, head; tied weights stay together). Mixed precision is
+plus the root: our wrapper module around the HF model (``policy.lm``), which holds the embeddings,
+final norm and head (tied weights stay together). The wrapper is the root so that a loss module
+may call ``lm.model`` and ``lm.lm_head`` separately (chunked cross-entropy) and still have them
+gathered; code that calls ``policy.lm`` directly (sampling) unshards the root around it. Mixed precision is
 FSDP's own: fp32 sharded master weights, bf16 compute, fp32 gradient reduction. Checkpoints are
 written with torch.distributed.checkpoint, every rank its own shards.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,48 +41,60 @@ def decoder_layers(lm) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(lm, *, device: torch.device, world: int, mixed_precision: str):
+def shard_model(policy, *, device: torch.device, world: int, mixed_precision: str):
+    """policy: a wrapper module whose ``.lm`` is the HF model; sharded in place and returned."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    lm.to(device)
+    policy.to(device)
     mesh = init_device_mesh(device.type, (world,))
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
-    for layer in decoder_layers(lm):
+    for layer in decoder_layers(policy.lm):
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(lm, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    return lm
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # FSDP2 initialises its states lazily in the root's first forward and refuses a first forward
+    # that enters a layer directly, which sampling (policy.lm(...) under unsharded_root) does when it
+    # comes before any training step: initialise now. (torch 2.13 has no public call for this.)
+    policy._get_fsdp_state()._lazy_init()
+    return policy
 
 
-def is_sharded(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+@contextmanager
+def unsharded_root(policy):
+    """Gather the root unit's parameters (embeddings, norm, head) for code that calls ``policy.lm``
+    directly; the decoder layers gather themselves in their own forward."""
+    policy.unshard()
+    try:
+        yield
+    finally:
+        policy.reshard()
 
-    return isinstance(module, FSDPModule)
 
-
-def full_state_dict(lm) -> dict[str, torch.Tensor]:
-    """Collective. Full (unsharded) fp32 master weights on CPU, on rank 0; empty elsewhere."""
+def full_state_dict(policy) -> dict[str, torch.Tensor]:
+    """Collective. The HF model's full (unsharded) fp32 master weights on CPU, on rank 0 (HF names);
+    empty elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in sd.items()}
 
 
-def save(lm, optimizer, directory: str | Path) -> None:
+def save(policy, optimizer, directory: str | Path) -> None:
     """Collective: model and optimizer shards through torch.distributed.checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(lm, optimizer)
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(directory) / DCP_DIR))
 
 
-def load(lm, optimizer, directory: str | Path) -> None:
+def load(policy, optimizer, directory: str | Path) -> None:
     """Collective: the inverse of save (same number of processes)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(lm, optimizer)
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR))
-    set_state_dict(lm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -116,23 +117,20 @@ def check(dist: DistConfig, world_size: int) -> None:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
 
 
-def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, max_grad_norm: float,
-                      hidden_size: int, output_dir: str, log_with: list[str] | None = None):
+def start_run(dist: DistConfig):
+    """The run's process group (once per run, kept across stages), with ``dist.timeout_s`` as the
+    collective timeout. Returns accelerate's PartialState: device, process_index, num_processes."""
     from datetime import timedelta
 
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
 
-    # A process may run several configs (tests, notebooks): start from a clean accelerate state
+    # A process may run several configs (tests, notebooks, sweeps): start from a clean state
     # (end_run has left the previous run's process group).
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     cpu = on_cpu(dist)
     check(dist, world_size_from_env())
     timeout = timedelta(seconds=dist.timeout_s)
-    common = dict(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
-                  log_with=log_with, project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/tb"))
     if dist.strategy.startswith("zero") or dist.strategy == "fsdp":
         _ensure_process_group_env()
     if dist.strategy == "fsdp":
@@ -141,7 +139,25 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
         _set_env("ACCELERATE_USE_FSDP", None)
     if dist.strategy.startswith("zero"):
         _set_env("ACCELERATE_USE_DEEPSPEED", "true")
-        state = PartialState(backend="gloo", timeout=timeout) if cpu else PartialState(timeout=timeout)
+        return PartialState(backend="gloo", timeout=timeout) if cpu else PartialState(timeout=timeout)
+    return PartialState(cpu=cpu, timeout=timeout)
+
+
+def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, max_grad_norm: float,
+                      hidden_size: int, output_dir: str, stage_dir: str | None = None):
+    """One Accelerator per stage (each stage may have its own batch shape), on the run's process
+    group. Under ZeRO the stage's DeepSpeed JSON is written to output_dir/deepspeed_config/ (the
+    latest stage's) and to the stage directory."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
+
+    AcceleratorState._reset_state()  # the previous stage's accelerator settings; not the process group
+    GradientState._reset_state()
+    state = PartialState()
+    common = dict(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
+                  project_config=ProjectConfiguration(project_dir=output_dir))
+    if dist.strategy.startswith("zero"):
         expected = dsc.make_deepspeed_config(dist, micro_batch=micro_batch, grad_accum=grad_accum,
                                              world_size=state.num_processes, max_grad_norm=max_grad_norm,
                                              hidden_size=hidden_size)
@@ -150,27 +166,51 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
         else:
             ds = expected
         if state.is_main_process:
-            dsc.write_config(ds, output_dir, dist.strategy)
+            dsc.write_config(ds, Path(output_dir) / "deepspeed_config", dist.strategy)
+            if stage_dir is not None:
+                dsc.write_config(ds, stage_dir, dist.strategy)
         # A launch profile's DeepSpeed fields were read by resolve_strategy (stage, offload); the
         # JSON above is complete, so tell accelerate not to expect them from the profile.
         _set_env("ACCELERATE_CONFIG_DS_FIELDS", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         return Accelerator(deepspeed_plugin=plugin, mixed_precision=dist.mixed_precision, **common)
-    if world_size_from_env() > 1 or dist.strategy == "fsdp":
-        PartialState(cpu=cpu, timeout=timeout)  # the process group, with the run's collective timeout
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    return Accelerator(cpu=cpu, mixed_precision=dist.mixed_precision, kwargs_handlers=kwargs, **common)
+    return Accelerator(cpu=on_cpu(dist), mixed_precision=dist.mixed_precision, kwargs_handlers=kwargs, **common)
 
 
-def end_run(acc, tracker, ok: bool) -> None:
+def device() -> torch.device:
+    """The device of this process (the run's process state must exist)."""
+    from accelerate.state import PartialState
+
+    return PartialState().device
+
+
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes (a copy; the tensor itself when there is one process)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        t = t.clone()
+        td.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        td.barrier()
+
+
+def end_run(tracker, ok: bool) -> None:
     """The end of every run, on every rank, whatever happened.
 
-    Rank 0 finishes the trackers (TensorBoard) without tearing anything down; if this rank finished
-    its work the ranks meet once more, so none leaves while a peer still needs it; then every rank
-    leaves the process group. After an error there is no barrier: a rank that failed must not wait
-    for peers that may never come (they fail on their next collective, or the launcher stops them).
-    Not ``accelerator.end_training()``: it destroys the process group on rank 0 only when that rank
-    owns the trackers, which left the other ranks failing or hanging at exit.
+    Rank 0 closes the TensorBoard writer; if this rank finished its work the ranks meet once more,
+    so none leaves while a peer still needs it; then every rank leaves the process group. After an
+    error there is no barrier: a rank that failed must not wait for peers that may never come (they
+    fail on their next collective, or the launcher stops them). Round 1 ended with accelerate's
+    ``end_training()``, which destroyed the process group on the rank that owned the trackers only,
+    and left the other ranks failing or hanging at exit.
     """
     import torch.distributed as td
     from accelerate.state import AcceleratorState, GradientState
@@ -178,14 +218,48 @@ def end_run(acc, tracker, ok: bool) -> None:
     try:
         if tracker is not None:
             tracker.close()
-        if ok and acc is not None and acc.num_processes > 1:
-            acc.wait_for_everyone()
+        if ok:
+            barrier()
     finally:
         if td.is_available() and td.is_initialized():
             td.destroy_process_group()
+        _forget_deepspeed_groups()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         _restore_env()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap freed by this run back to the OS (glibc keeps it otherwise), so that a next run
+    in the same process (a sweep) starts from, and measures its peak memory from, a clean slate."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the process groups it makes (a clone of the world group, ...) in module
+    globals; they die with the process group, and a later run in the same Python process (tests, a
+    sweep) would be handed the dead ones."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 def describe(acc, strategy: str, micro_batch: int, grad_accum: int) -> str:

@@ -19,49 +19,30 @@ Departures from the paper (Shao et al. 2024), on purpose:
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from stagewise import faults
-from stagewise.checkpoint import Counters, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagewise.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from stagewise.config import RunConfig
+from stagewise.continual.stage import StageJob, StageKind
 from stagewise.domains import Domain
-from stagewise.errors import TrainingError
-from stagewise.models import load_model, replicated_init
+from stagewise.errors import ConfigError, TrainingError
+from stagewise.models import load_model, load_model_config, replicated_init
+from stagewise.optim import make_adamw, make_scheduler
+from stagewise.parallel import runtime
 from stagewise.parallel.engine import TrainEngine
-from stagewise.registry import lookup
+from stagewise.registry import lookup, register
 from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
 from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.losses import masked_sum, per_token_loss
 from stagewise.rl.rollout import RolloutBatch, generate_rollouts
-from stagewise.tracking import StepProgress, Tracker, print0
-
-
-@dataclass
-class StageJob:
-    cfg: RunConfig
-    index: int  # stage number, 0-based
-    accelerator: object
-    tokenizer: object
-    domains: list[Domain]  # this stage's domains
-    replay_domains: list[Domain]  # earlier stages' domains (replay), may be empty
-    init_path: str  # weights to start from (HF dir): base model or previous stage's export
-    ref_path: str | None  # reference weights for the KL term (None when beta == 0)
-    out_dir: Path  # stage directory: checkpoints/, model/
-    tracker: Tracker
-    counters: Counters
-    resume: bool = False
-    stop_after: int | None = None  # stop (after checkpointing) once counters.step reaches this
-    global_step_offset: int = 0
-    curve: list[float] = field(default_factory=list)
+from stagewise.tracking import PeakMemory, StepProgress, print0
 
 
 # --- pieces the loop uses ----------------------------------------------------------------------
@@ -81,21 +62,6 @@ def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, all_reward
     if mask_truncated:
         keep &= ~truncated.cpu()
     return (completion_mask.bool() & keep[:, None].to(completion_mask.device)).float()
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
-    """Multiplier of the base lr at optimizer step s: linear warmup, then cosine/linear/constant."""
-
-    def f(s: int) -> float:
-        if warmup and s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        p = min(1.0, (s - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p
-        return min_ratio + (1 - min_ratio) * decay
-
-    return f
 
 
 def pick_examples(job: StageJob, step: int, n: int, replay: float) -> list[tuple[Domain, dict]]:
@@ -148,8 +114,8 @@ class RolloutWeights:
     def sampling_model(self):
         """The module to sample from, with the current weights, for the duration of the block."""
         if self.copy is None:
-            with self.engine.acc.autocast():
-                yield self.engine.lm
+            with self.engine.acc.autocast(), self.engine.lm_for_direct_calls() as lm:
+                yield lm
             return
         with torch.no_grad():
             for c, p in zip(self.copy.parameters(), self.engine.lm.parameters()):
@@ -191,50 +157,60 @@ def dump_rollouts(acc, job: StageJob, step: int, batch: RolloutBatch, mine, G: i
                 fh.write(json.dumps({"stage": job.index + 1, "step": step, **r}) + "\n")
 
 
-def make_all_done(accelerator, lockstep: bool):
+def make_all_done(device, lockstep: bool):
     """Under ZeRO-3 / FSDP all ranks must decode the same number of steps (the synced_gpus role)."""
-    if not lockstep or accelerator.num_processes == 1:
+    if not lockstep:
         return None
 
     def all_done(local: bool) -> bool:
-        flag = torch.tensor([0.0 if local else 1.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() == 0)
+        flag = torch.tensor([0.0 if local else 1.0], device=device)
+        return bool(runtime.reduce_sum(flag).item() == 0)
 
     return all_done
+
+
+def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:
+    """Batch shapes of stage i for `world` processes (before any model loads)."""
+    ro, gc = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "grpo")
+    if ro.prompts_per_step % world:
+        raise ConfigError(f"stages.{i}: rollout.prompts_per_step={ro.prompts_per_step} must be divisible by "
+                          f"the {world} processes (groups are kept whole per process)")
+    rows = ro.prompts_per_step // world * ro.num_generations
+    if rows % gc.micro_batch_size:
+        raise ConfigError(f"stages.{i}: grpo.micro_batch_size={gc.micro_batch_size} must divide the "
+                          f"{rows} completions each process trains on per step")
 
 
 # --- the stage ---------------------------------------------------------------------------------
 
 
 def train_grpo_stage(job: StageJob) -> dict:
-    cfg, acc, tok = job.cfg, job.accelerator, job.tokenizer
+    cfg, tok = job.cfg, job.tokenizer
     ro, gc, oc = cfg.stage_part(job.index, "rollout"), cfg.stage_part(job.index, "grpo"), cfg.stage_part(job.index, "optim")
     stage = cfg.stages[job.index]
-    stage_label = f"stage {job.index + 1} ({stage.name or '+'.join(stage.domains)})"
+    stage_label = job.label
     total_steps = cfg.stage_steps(job.index)
-    world, rank = acc.num_processes, acc.process_index
+    world = runtime.world_size_from_env()
     G = ro.num_generations
     groups_local = ro.prompts_per_step // world
     rows_local = groups_local * G
     gas = rows_local // gc.micro_batch_size
+    hidden = getattr(load_model_config(job.init_path, cfg.model.trust_remote_code), "hidden_size", 1024)
+    acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc.micro_batch_size,
+                                    max_grad_norm=oc.max_grad_norm, hidden_size=hidden, output_dir=str(job.run_dir),
+                                    stage_dir=str(job.out_dir))
+    acc.register_for_checkpointing(job.counters)
+    rank = acc.process_index
+    print0(f"[stagewise] {stage_label}: {runtime.describe(acc, cfg.dist.strategy, gc.micro_batch_size, gas)}")
     advantage_fn, aggregate = lookup("advantage", gc.advantage), lookup("loss", gc.loss)
     eps_high = gc.epsilon if gc.epsilon_high is None else gc.epsilon_high
 
     # model, optimizer, schedule (a fresh optimizer each stage; weights come from the hand-over)
     n_opt_steps = total_steps * gc.num_iterations
 
-    def make_optimizer(params):
-        # fused AdamW: one kernel over all tensors (0.11 s vs 0.62 s per step for 135M params on 2 CPU
-        # cores). DeepSpeed flattens and partitions parameters itself, FSDP holds DTensors: plain AdamW.
-        return torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay,
-                                 fused=cfg.dist.strategy in ("single", "ddp") or None)
-
-    def make_scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(oc.schedule, oc.warmup_steps, n_opt_steps,
-                                                                      oc.min_lr_ratio))
-
     engine = TrainEngine.create(acc, cfg.dist.strategy, PolicyLogprobs(load_model(job.init_path, cfg.model)),
-                                make_optimizer, make_scheduler, max_grad_norm=oc.max_grad_norm,
+                                lambda params: make_adamw(params, oc, cfg.dist.strategy),
+                                lambda opt: make_scheduler(opt, oc, n_opt_steps), max_grad_norm=oc.max_grad_norm,
                                 mixed_precision=cfg.dist.mixed_precision)
     model, scheduler = engine.model, engine.scheduler
     # prompts shared by a group are run once per micro-batch when groups are not split
@@ -255,12 +231,13 @@ def train_grpo_stage(job: StageJob) -> dict:
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
     log_stage_start(engine, job)
     weights = RolloutWeights(engine, ro.engine, cfg.dist.mixed_precision)
-    all_done = make_all_done(acc, engine.lockstep)
+    all_done = make_all_done(acc.device, engine.lockstep)
     bad_in_a_row, bad_total = 0, 0
     probe: dict = {}  # the dtype of the stage's first training forward (logged once)
 
     bar = StepProgress(total_steps, f"stage {job.index + 1} {stage.name or '+'.join(stage.domains)}",
                        cfg.logging.progress, start=counters.step)
+    peak = PeakMemory().start()
     while counters.step < total_steps:
         step, t_start = counters.step, time.time()
         where = dict(stage=job.index + 1, step=step + 1, rank=rank)
@@ -374,6 +351,7 @@ def train_grpo_stage(job: StageJob) -> dict:
             "truncated_frac": trunc.mean().item(), **adv_stats,
             "step_time": step_time, "gen_time": t_gen, "train_time": t_train,
             "tokens_per_s": gen_tokens / step_time, "completions_per_s": all_rewards.numel() / step_time,
+            "peak_memory_mb": peak.mb,
         }
         if "dtype" in probe and not probe.get("logged"):  # once per stage: what the training forward computes in
             metrics["train_compute_dtype"] = str(probe["dtype"]).removeprefix("torch.")
@@ -395,11 +373,16 @@ def train_grpo_stage(job: StageJob) -> dict:
                                                                  "total_steps": total_steps}, cfg.checkpoint.keep_last)
         if stopping:
             bar.close()
+            peak.stop()
             acc.free_memory()
-            return {"stopped": True, "step": counters.step}
+            return {"stopped": True, "step": counters.step, "steps": total_steps}
     bar.close()
+    job.tracker.log({"stage": job.index + 1, "stage_peak_memory_mb": peak.stop()}, step=job.global_step_offset + total_steps)
     export_model(engine, tok, job.out_dir / "model", init_path=job.init_path, model_cfg=cfg.model,
                  extra={"stage": job.index, "steps": total_steps})
-    result = {"stopped": False, "step": counters.step, "model": str(job.out_dir / "model")}
+    result = {"stopped": False, "step": counters.step, "steps": total_steps, "model": str(job.out_dir / "model")}
     acc.free_memory()
     return result
+
+
+register("stage", "grpo")(StageKind(train=train_grpo_stage, check=check_grpo_stage))

@@ -53,11 +53,12 @@ def test_resume_after_kill_between_stages_gives_same_matrix(tiny_model_dir, tmp_
 
 def test_replay_mixes_earlier_domains(tiny_model_dir, tmp_path):
     from stagewise.domains import build_domain
-    from stagewise.rl.grpo import StageJob, pick_examples
+    from stagewise.continual.stage import StageJob
+    from stagewise.rl.grpo import pick_examples
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "r")
     add, mx = (build_domain(s, 0) for s in cfg.domains)
-    job = StageJob(cfg=cfg, index=1, accelerator=None, tokenizer=None, domains=[mx], replay_domains=[add],
+    job = StageJob(cfg=cfg, index=1, tokenizer=None, domains=[mx], replay_domains=[add],
                    init_path="", ref_path=None, out_dir=tmp_path, tracker=None, counters=None)
     picked = pick_examples(job, step=0, n=8, replay=0.25)
     assert sum(d is add for d, _ in picked) == 2 and sum(d is mx for d, _ in picked) == 6

@@ -52,7 +52,7 @@ def test_user_config_auto_values_filled_and_disagreements_fail():
 
 
 def test_load_and_write(tmp_path):
-    p = write_config(make(), tmp_path, "zero3")
+    p = write_config(make(), tmp_path / "deepspeed_config", "zero3")
     assert p == tmp_path / "deepspeed_config" / "ds_config_zero3.json"
     assert load_user_config(str(p))["train_batch_size"] == 24
     (tmp_path / "bad.json").write_text("{oops")

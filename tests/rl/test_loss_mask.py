@@ -1,6 +1,7 @@
 import torch
 
-from stagewise.rl.grpo import loss_mask, lr_lambda
+from stagewise.optim import lr_lambda
+from stagewise.rl.grpo import loss_mask
 
 CMASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
 TRUNC = torch.tensor([False, True, False, True])

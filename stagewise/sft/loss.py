@@ -1,0 +1,81 @@
+"""Next-token loss at learnt positions only, in chunks, so that the (tokens x vocab) fp32 logits of a
+batch never exist.
+
+    batch = collate(rows, pad_id=tok.pad_token_id, device=dev)   # packed rows -> tensors
+    nll = SFTLoss(lm)(**batch)                                    # (N,) fp32, one per learnt token
+
+Shapes: B rows of T tokens; N learnt positions in the batch (targets != IGNORE); H hidden; V vocab.
+The transformer body runs on the whole (B, T) batch; the head and the log-softmax run on N rows
+only, ``chunk`` at a time, each chunk under activation checkpointing (its logits are recomputed in
+backward instead of kept): peak extra memory is one (chunk, V) fp32 block. Packed rows need no
+attention mask: positions restart at 0 for every example and transformers then builds a
+block-diagonal causal mask (a variable-length kernel with flash attention).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from stagewise.sft.data import IGNORE, PackedRow
+
+
+def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """-> input_ids, position_ids (B, T); target_index (N,) flat indices into B*T; targets (N,).
+    Rows are right-padded to the longest; padding is its own "example" (positions restart), learns nothing."""
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.tensor(r.ids)
+        pos[b, :n] = torch.tensor(r.positions)
+        pos[b, n:] = torch.arange(T - n)
+        tgt[b, :n] = torch.tensor(r.targets)
+    flat = tgt.view(-1)
+    index = (flat != IGNORE).nonzero().squeeze(1)
+    out = {"input_ids": ids, "position_ids": pos, "target_index": index, "targets": flat[index]}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+    """hidden (n, H), targets (n,) -> (n,) fp32 negative log-likelihood."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunked_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024,
+                softcap: float | None = None) -> torch.Tensor:
+    """hidden (N, H), targets (N,) -> (N,) fp32 NLL, the head applied ``chunk`` rows at a time."""
+    if hidden.size(0) == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    parts = []
+    for i in range(0, hidden.size(0), chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_nll, h, t, head, softcap, use_reentrant=False))
+        else:
+            parts.append(_chunk_nll(h, t, head, softcap))
+    return torch.cat(parts)
+
+
+class SFTLoss(torch.nn.Module):
+    """The causal LM wrapped so that one forward returns the NLL of every learnt token. This is the
+    module handed to the strategy (DDP / DeepSpeed / FSDP): they see one forward per micro-batch.
+    The HF model is ``.lm`` (exported as it is)."""
+
+    def __init__(self, lm, chunk: int = 1024):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, position_ids, target_index, targets) -> torch.Tensor:
+        hf = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # peft wraps it
+        body = getattr(hf, hf.base_model_prefix)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
+        softcap = getattr(hf.config, "final_logit_softcapping", None)
+        return chunked_nll(picked, hf.get_output_embeddings(), targets, self.chunk, softcap)
