@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
 
-.PHONY: demo test bench bench-sft sft-sweep clean
+.PHONY: demo tool-demo test bench bench-sft sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/stagewise run configs/three_domains.yaml --overwrite
+
+tool-demo: $(STAMP)
+	$(BIN)/stagewise run configs/tool_calculator.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests

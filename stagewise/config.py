@@ -67,9 +67,22 @@ class RolloutConfig(_Part):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
     mask_truncated_completions: bool = False
-    # Weights used for sampling: "policy" decodes with the training module itself; "bf16_copy"
-    # keeps a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
-    engine: Literal["auto", "policy", "bf16_copy"] = "auto"
+    # Which engine generates (registry "rollout_engine": local = our KV-cache sampler)
+    engine: str = "local"
+    # Weights the local engine samples with: "policy" decodes with the training module itself;
+    # "bf16_copy" a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
+    weights: Literal["auto", "policy", "bf16_copy"] = "auto"
+    # Multi-turn episodes (environment domains); max_new_tokens is then the budget of one policy turn
+    max_turns: int = Field(4, gt=0)  # policy turns per episode
+    max_episode_tokens: int = Field(512, gt=0)  # tokens after the prompt: policy turns + tool results + replies
+    max_tool_errors: int = Field(2, ge=0)  # malformed calls / unknown tools / failing tools before the episode ends
+
+    @model_validator(mode="after")
+    def _episode_fits_a_turn(self):
+        if self.max_episode_tokens < self.max_new_tokens:
+            raise ValueError(f"max_episode_tokens={self.max_episode_tokens} is smaller than one turn's "
+                             f"max_new_tokens={self.max_new_tokens}")
+        return self
 
 
 class GRPOConfig(_Part):
@@ -354,7 +367,7 @@ def check_names(cfg: RunConfig) -> None:
     from stagewise import rewards  # noqa: F401  (registers the built-ins)
     from stagewise import domains  # noqa: F401
     from stagewise.registry import names
-    from stagewise.rl import advantages, losses  # noqa: F401
+    from stagewise.rl import advantages, engines, losses  # noqa: F401
 
     for i, mod in enumerate(cfg.plugins):
         try:
@@ -372,12 +385,19 @@ def check_names(cfg: RunConfig) -> None:
         for kind, name in (("advantage", g.advantage), ("loss", g.loss)):
             if name not in names(kind):
                 raise ConfigError(f"{where}.{kind}: unknown {kind} {name!r} (known: {', '.join(names(kind))})")
+        ro = cfg.stage_part(i, "rollout")
+        if ro.engine not in names("rollout_engine"):
+            where = f"stages.{i}.rollout" if cfg.stages[i].rollout else "rollout"
+            raise ConfigError(f"{where}.engine: unknown rollout engine {ro.engine!r} "
+                              f"(known: {', '.join(names('rollout_engine'))})")
     for i, d in enumerate(cfg.domains):
         kind = d.type or d.name
         if ":" not in kind and kind not in names("domain"):
             raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
                               f"or 'module:function' for a plugin)")
         for j, r in enumerate(d.rewards or []):
+            if kind in names("environment_domain"):  # reward parts of an environment: checked when it is built
+                break
             if r.name not in names("reward"):
                 raise ConfigError(f"domains.{i}.rewards.{j}.name: unknown reward {r.name!r} "
                                   f"(known: {', '.join(names('reward'))})")

@@ -128,13 +128,32 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
         md += ["", "![reward curves](reward_curves.png)"]
     if has_loss_curve:
         md += ["", "![SFT loss curves](sft_loss_curves.png)"]
+    episode_rows = [r for r in rows if "episode/turns" in r]
+    if episode_rows:
+        keys = ["episode/turns", "episode/tool_calls", "episode/tool_errors", "episode/policy_tokens", "truncated_frac"]
+        keys += sorted({k for r in episode_rows for k in r if k.startswith("reward/") and not k.endswith("_std")})
+        md += ["", "## Multi-turn episodes (means per step: first → last)", "",
+               "| stage | " + " | ".join(k.removeprefix("episode/") for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+        for st in sorted({r["stage"] for r in episode_rows}):
+            mine = [r for r in episode_rows if r["stage"] == st]
+            cell = lambda k: f"{mine[0].get(k, float('nan')):.2f} → {mine[-1].get(k, float('nan')):.2f}"  # noqa: E731
+            md.append(f"| {st} | " + " | ".join(cell(k) for k in keys) + " |")
     md += ["", "## Sample completions (greedy)", ""]
+    conversations = {}  # multi-turn domains: the last evaluation's first episode, shown whole below
     for label, by_dom in state.get("samples", {}).items():
         for dom, smp in by_dom.items():
             for s in smp[:2]:
                 prompt = s["prompt"] if isinstance(s["prompt"], str) else s["prompt"][-1]["content"]
                 mark = "correct" if s["correct"] else "wrong"
-                md.append(f"- *{label}*, {dom}: `{prompt}` → `{s['completion'].strip()[:80]}` ({mark}, answer {s['answer']})")
+                if s.get("turns", 1) > 1 or s["completion"].startswith("[assistant]"):
+                    conversations[dom] = (label, prompt, s, mark)
+                md.append(f"- *{label}*, {dom}: `{prompt}` → `{s['completion'].strip()[:80]}` ({mark}, answer {s['answer']})"
+                          .replace("\n", " "))
+    if conversations:
+        md += ["", "## Sample conversations (greedy, held-out task, last evaluation)", ""]
+        for dom, (label, prompt, s, mark) in conversations.items():
+            md += [f"**{dom}** ({label}, {s.get('turns', 1)} policy turns, {mark}):", "", "```text", f"[user] {prompt}",
+                   s["completion"].strip(), "```", ""]
     md += ["", "Final model: `final_model/` (plain `AutoModelForCausalLM.from_pretrained`)."]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")

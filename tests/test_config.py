@@ -71,6 +71,10 @@ def test_nested_ablation(tmp_path):
     (["domains.0.rewards=[{name: exactt}]"], "domains.0.rewards.0.name: unknown reward 'exactt'"),
     (["plugins=[no_such_module_xyz]"], "plugins.0: cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
     (["dist.strategy=fsdp", "dist.mixed_precision=fp16"], "fsdp supports mixed_precision bf16 or no"),
+    (["rollout.engine=vlm"], "rollout.engine: unknown rollout engine 'vlm' (known: local"),
+    (["stages.1.rollout={engine: x}"], "stages.1.rollout.engine: unknown rollout engine 'x'"),
+    (["rollout.max_new_tokens=64", "rollout.max_episode_tokens=32"], "max_episode_tokens=32 is smaller than one turn"),
+    (["rollout.max_turns=0"], "rollout.max_turns: Input should be greater than 0"),
 ])
 def test_bad_values_name_the_field(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as e:

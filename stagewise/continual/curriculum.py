@@ -28,6 +28,7 @@ from stagewise.continual.stage import StageJob
 from stagewise.domains import Domain, build_domain
 from stagewise.errors import ConfigError, StagewiseError
 from stagewise.evaluation import evaluate_domain, held_out_loss
+from stagewise.rl.episodes import EpisodeLimits
 from stagewise.models import load_model, load_model_config, load_tokenizer, replicated_init, resolve_model_path
 from stagewise.continual.metrics import continual_metrics, loss_metrics
 from stagewise.parallel import runtime
@@ -75,7 +76,9 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
         if dom.metric is not None:
             accuracy, samples[dom.name] = evaluate_domain(
                 model, tok, dom, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                rank=state.process_index, world=state.num_processes, device=state.device, reduce_sum=reduce)
+                rank=state.process_index, world=state.num_processes, device=state.device, reduce_sum=reduce,
+                limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_tokens=cfg.rollout.max_episode_tokens,
+                                     max_tool_errors=cfg.rollout.max_tool_errors))
         row.append(accuracy)
         losses.append(held_out_loss(model, tok, dom, max_len=max_len, rank=state.process_index,
                                     world=state.num_processes, device=state.device, reduce_sum=reduce)
@@ -144,6 +147,11 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             print0(f"[stagewise] domains.{d.name}: skipped {len(d.skipped)} malformed record(s) (data.on_error=skip); "
                    f"first: {d.skipped[0]}")
     for i, st in enumerate(cfg.stages):
+        for name in st.domains:
+            dom = next(d for d in domains if d.name == name)
+            if st.kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
+                raise ConfigError(f"stages.{i}: domain {name!r} is an environment; an sft stage needs reference "
+                                  f"conversations (tasks with 'messages'), so train it with a grpo stage")
         if lookup("stage", st.kind).needs_reward:
             for name in st.domains:
                 if not next(d for d in domains if d.name == name).rewards:

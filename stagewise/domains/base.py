@@ -29,10 +29,20 @@ class Domain:
     metric: str | None  # reward whose value 1.0 counts as "correct" in held-out accuracy; None = none
     reward_fns: dict[str, Callable] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # malformed records skipped (data.on_error: skip)
+    # a multi-turn domain: task dict -> Environment (stagewise.envs); its reward() parts are the rewards
+    environment: Callable | None = None
+    reward_parts: tuple[str, ...] = ()  # with environment: the part names reward() returns
 
     def __post_init__(self):
-        for name, _ in self.rewards + ([(self.metric, 1.0)] if self.metric else []):
-            self.reward_fns[name] = lookup("reward", name)
+        named = [n for n, _ in self.rewards] + ([self.metric] if self.metric else [])
+        if self.environment is not None:
+            unknown = [n for n in named if n not in self.reward_parts]
+            if unknown:
+                raise ConfigError(f"domains.{self.name}: the environment's reward parts are "
+                                  f"{', '.join(self.reward_parts)}; unknown: {', '.join(unknown)}")
+        else:
+            for name in named:
+                self.reward_fns[name] = lookup("reward", name)
         if not self.train or not self.eval:
             raise ConfigError(f"domains.{self.name}: empty split (train {len(self.train)}, eval {len(self.eval)})")
 
@@ -45,11 +55,27 @@ class Domain:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return msgs + [{"role": "assistant", "content": str(example["answer"])}]
 
+    def make_env(self, example: dict):
+        """The episode's environment: the domain's own, or a single-turn TextTask scored by reward_fns."""
+        from stagewise.envs.base import TextTask
+
+        return self.environment(example) if self.environment is not None else TextTask(example, self)
+
+    def weigh(self, parts: dict[str, float]) -> float:
+        """The training reward: the weighted sum of the named parts."""
+        return sum(w * parts[n] for n, w in self.rewards)
+
     def score(self, text: str, example: dict) -> dict[str, float]:
         """Each reward's value for one completion, plus '_total' (weighted sum)."""
         parts = {n: self.reward_fns[n](text, example) for n, _ in self.rewards}
         parts["_total"] = sum(w * parts[n] for n, w in self.rewards)
         return parts
+
+    def succeeded(self, parts: dict[str, float]) -> bool:
+        """An episode counts as a success when its metric part reaches 1.0."""
+        if self.metric is None:
+            raise ValueError(f"domain {self.name} defines no accuracy metric")
+        return parts[self.metric] >= 1.0
 
     def correct(self, text: str, example: dict) -> bool:
         if self.metric is None:
@@ -84,5 +110,5 @@ def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise") -> Domain
     if spec.rewards is not None:
         rewards = [(r.name, r.weight) for r in spec.rewards]
         dom = Domain(dom.name, dom.train, dom.eval, rewards, dom.metric or (rewards[0][0] if rewards else None),
-                     skipped=dom.skipped)
+                     skipped=dom.skipped, environment=dom.environment, reward_parts=dom.reward_parts)
     return dom

@@ -41,6 +41,9 @@ from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggreg
 from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.losses import masked_sum, per_token_loss
+from stagewise.rl.engines import SamplingParams
+from stagewise.rl.episodes import EpisodeLimits
+from stagewise.rl.prompts import eos_ids
 from stagewise.rl.rollout import RolloutBatch, generate_rollouts
 from stagewise.tracking import PeakMemory, StepProgress, print0
 
@@ -52,7 +55,7 @@ def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, all_reward
               lo: int, hi: int, *, drop_zero_variance: bool, mask_truncated: bool) -> torch.Tensor:
     """Which completion tokens of this process's rows [lo, hi) enter the loss.
 
-    completion_mask (B, C), truncated (B,), all_rewards (B_global,) -> (B, C) float.
+    completion_mask (B, C) (the policy's own tokens), truncated (B,), all_rewards (B_global,) -> (B, C) float.
     A row is dropped whole when its group has zero reward variance (dynamic sampling) or when it
     hit max_new_tokens without EOS (mask_truncated_completions).
     """
@@ -145,7 +148,7 @@ def dump_rollouts(acc, job: StageJob, step: int, batch: RolloutBatch, mine, G: i
     """rollouts.jsonl on rank 0: every completion of the step, gathered from all processes."""
     from accelerate.utils import gather_object
 
-    rows = [{"prompt": ex["prompt"], "domain": dom.name, "completion": batch.texts[g * G + j],
+    rows = [{"prompt": ex.get("prompt"), "domain": dom.name, "completion": batch.texts[g * G + j],
              "reward": batch.rewards[g * G + j].item(), "advantage": batch.advantages[g * G + j].item()}
             for g, (dom, ex) in enumerate(mine) for j in range(G)]
     rows = gather_object(rows)
@@ -230,7 +233,15 @@ def train_grpo_stage(job: StageJob) -> dict:
         load_checkpoint(engine, ckpt)
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
     log_stage_start(engine, job)
-    weights = RolloutWeights(engine, ro.engine, cfg.dist.mixed_precision)
+    weights = RolloutWeights(engine, ro.weights, cfg.dist.mixed_precision)
+    params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                            top_k=ro.top_k, stop_token_ids=tuple(eos_ids(tok)))
+    limits = EpisodeLimits(max_turns=ro.max_turns, max_tokens=ro.max_episode_tokens,
+                           max_tool_errors=ro.max_tool_errors)
+    make_engine = lookup("rollout_engine", ro.engine)
+    multi_turn = any(d.environment is not None for d in job.domains + job.replay_domains)
+    # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
+    policy_budget = min(ro.max_turns * ro.max_new_tokens, ro.max_episode_tokens) if multi_turn else ro.max_new_tokens
     all_done = make_all_done(acc.device, engine.lockstep)
     bad_in_a_row, bad_total = 0, 0
     probe: dict = {}  # the dtype of the stage's first training forward (logged once)
@@ -249,8 +260,8 @@ def train_grpo_stage(job: StageJob) -> dict:
         seeds = completion_seeds(cfg.seed, job.index, step, rank * rows_local, rows_local)
         model.eval()
         with weights.sampling_model() as sampler:
-            batch = generate_rollouts(sampler, tok, mine, num_generations=G, max_new_tokens=ro.max_new_tokens,
-                                      temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, seeds=seeds,
+            batch = generate_rollouts(make_engine(sampler, tok, device=acc.device, all_done=all_done), tok, mine,
+                                      num_generations=G, params=params, limits=limits, seeds=seeds,
                                       device=acc.device, all_done=all_done)
         model.train()
         t_gen = time.time() - t_start
@@ -260,7 +271,7 @@ def train_grpo_stage(job: StageJob) -> dict:
         adv_all, adv_stats = advantage_fn(all_rewards, G)
         lo, hi = rank * rows_local, (rank + 1) * rows_local
         batch.advantages = adv_all[lo:hi].to(acc.device)
-        batch.loss_mask = loss_mask(batch.completion_mask, batch.truncated, all_rewards, G, lo, hi,
+        batch.loss_mask = loss_mask(batch.completion_mask * batch.policy_mask, batch.truncated, all_rewards, G, lo, hi,
                                     drop_zero_variance=gc.drop_zero_variance_groups,
                                     mask_truncated=ro.mask_truncated_completions)
         counts = acc.reduce(torch.tensor([float((batch.loss_mask.sum(-1) > 0).sum()), float(batch.loss_mask.sum())],
@@ -302,7 +313,7 @@ def train_grpo_stage(job: StageJob) -> dict:
                                                   epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp,
                                                   mask=mb.loss_mask, kl_ratio_weighted=gc.kl_ratio_weighted)
                     loss = aggregate(tok_loss, mb.loss_mask, num_sequences=n_seq, num_tokens=n_tok,
-                                     num_rows=ro.prompts_per_step * G, max_len=ro.max_new_tokens)
+                                     num_rows=ro.prompts_per_step * G, max_len=policy_budget)
                     if faults.active("nan_loss", **where):
                         loss = loss * float("nan")
                     # accelerate divides by gas and DDP/ZeRO/FSDP average over processes: undo both so
@@ -338,6 +349,9 @@ def train_grpo_stage(job: StageJob) -> dict:
             if ok.any():
                 part_means[f"reward/{name}"] = allv[ok].mean().item()
                 part_means[f"reward/{name}_std"] = allv[ok].std().item() if ok.sum() > 1 else 0.0
+        if multi_turn:  # per-episode means: turns, tool calls, tool errors, policy tokens
+            for name, vals in batch.episode_stats.items():
+                part_means[f"episode/{name}"] = acc.gather(vals.to(acc.device)).cpu().mean().item()
         step_time = time.time() - t_start
         gen_tokens = float(lengths.sum())
         metrics = {

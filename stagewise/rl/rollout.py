@@ -1,4 +1,4 @@
-"""Rollouts: G sampled completions per prompt, scored by the domain's reward functions.
+"""Rollouts: G episodes per task (one completion each for a single-turn domain), scored.
 
 The typed container below is what flows from generation into the loss.
 """
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from stagewise.domains import Domain
-from stagewise.rl.prompts import encode_prompts, eos_ids
-from stagewise.rl.sampling import sample
+from stagewise.rl.engines import SamplingParams, left_pad
+from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
 
 
 @dataclass
@@ -21,11 +21,13 @@ class RolloutBatch:
     prompt_ids: torch.Tensor  # (B, P) left-padded, each prompt repeated G times
     prompt_mask: torch.Tensor  # (B, P)
     completion_ids: torch.Tensor  # (B, C) right-padded
-    completion_mask: torch.Tensor  # (B, C) 1 up to and including EOS
+    completion_mask: torch.Tensor  # (B, C) 1 on every real token after the prompt (policy and environment)
+    policy_mask: torch.Tensor  # (B, C) 1 where the policy sampled the token (the only ones trained on)
     truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
     rewards: torch.Tensor  # (B,) weighted sum of the reward functions
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,), NaN if unused
     texts: list[str] = field(default_factory=list)
+    episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # turns, tool_calls, ... -> (B,)
     advantages: torch.Tensor | None = None  # (B,)
     loss_mask: torch.Tensor | None = None  # (B, C) completion_mask minus dropped/masked rows
     old_logp: torch.Tensor | None = None  # (B, C) only when num_iterations > 1
@@ -47,37 +49,43 @@ class RolloutBatch:
                 kw[f.name] = v[start:end]
         mb = replace(self, **kw)
         width = max(int(mb.completion_mask.sum(-1).max()), 1)
-        for name in ("completion_ids", "completion_mask", "loss_mask", "old_logp", "ref_logp"):
+        for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "old_logp", "ref_logp"):
             t = getattr(mb, name)
             if t is not None:
                 setattr(mb, name, t[:, :width])
         return mb
 
 
-def generate_rollouts(model, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,
-                      max_new_tokens: int, temperature: float, top_p: float, top_k: int, seeds: list[int],
-                      device, all_done=None) -> RolloutBatch:
-    """Sample G completions per (domain, example) and score them.  seeds: one per completion."""
-    ids, mask = encode_prompts(tokenizer, [ex["prompt"] for _, ex in examples], device)
-    comp, cmask, trunc = sample(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(tokenizer),
-                                pad_token_id=tokenizer.pad_token_id, num_samples=num_generations, seeds=seeds,
-                                temperature=temperature, top_p=top_p, top_k=top_k, all_done=all_done)
-    texts = [tokenizer.decode(comp[i][cmask[i].bool()], skip_special_tokens=True) for i in range(comp.size(0))]
-    rewards, parts = score(texts, [x for x in examples for _ in range(num_generations)])
-    G = num_generations
-    return RolloutBatch(prompt_ids=ids.repeat_interleave(G, 0), prompt_mask=mask.repeat_interleave(G, 0),
-                        completion_ids=comp, completion_mask=cmask, truncated=trunc, rewards=rewards,
-                        reward_parts=parts, texts=texts)
+def generate_rollouts(engine, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,
+                      params: SamplingParams, limits: EpisodeLimits, seeds: list[int], device,
+                      all_done=None) -> RolloutBatch:
+    """Run G episodes per (domain, example) through the rollout engine and score them.
+    seeds: one per episode. A single-turn domain's episode is one completion."""
+    eps = run_episodes(engine, tokenizer, examples, group_size=num_generations, seeds=seeds, params=params,
+                       limits=limits, all_done=all_done)
+    return batch_from_episodes(eps, tokenizer.pad_token_id, device)
 
 
-def score(texts: list[str], examples: list[tuple[Domain, dict]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-> total (B,), and per reward function (B,) with NaN where a row's domain does not use it."""
-    names = sorted({n for d, _ in examples for n, _ in d.rewards})
-    parts = {n: torch.full((len(texts),), float("nan")) for n in names}
-    total = torch.zeros(len(texts))
-    for i, (text, (dom, ex)) in enumerate(zip(texts, examples)):
-        s = dom.score(text, ex)
-        total[i] = s.pop("_total")
-        for n, v in s.items():
-            parts[n][i] = v
-    return total, parts
+def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch:
+    """Episodes -> tensors: prompts left-padded, everything after them right-padded, policy tokens marked."""
+    B = len(eps)
+    prompt_ids, prompt_mask = left_pad([e.prompt for e in eps], pad_id, device)
+    C = max(max(len(e.tokens) for e in eps), 1)
+    comp = torch.full((B, C), pad_id, dtype=torch.long)
+    cmask = torch.zeros((B, C), dtype=torch.long)
+    pmask = torch.zeros((B, C), dtype=torch.long)
+    for i, e in enumerate(eps):
+        n = len(e.tokens)
+        comp[i, :n] = torch.tensor(e.tokens, dtype=torch.long)
+        cmask[i, :n] = 1
+        pmask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
+    names = sorted({n for e in eps for n, _ in e.domain.rewards})
+    parts = {n: torch.tensor([e.parts.get(n, float("nan")) if any(m == n for m, _ in e.domain.rewards)
+                              else float("nan") for e in eps]) for n in names}
+    stats = {"turns": [e.turns for e in eps], "tool_calls": [e.tool_calls for e in eps],
+             "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps]}
+    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
+                        completion_mask=cmask.to(device), policy_mask=pmask.to(device),
+                        truncated=torch.tensor([e.truncated for e in eps]), rewards=torch.tensor([e.reward for e in eps]),
+                        reward_parts=parts, texts=[e.transcript() for e in eps],
+                        episode_stats={k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()})
