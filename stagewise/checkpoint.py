@@ -6,15 +6,25 @@ written as ``.tmp-step-N`` and renamed once complete, so a directory named ``ste
 whole; a crash leaves only a ``.tmp-*`` that is ignored and cleaned up. Every process takes part
 in save and load (ZeRO / FSDP shards are per rank); only the main process renames, prunes and
 writes the manifest.
+
+The manifest lists every file with its size and SHA-256. Before resuming, the newest checkpoint
+is verified; a missing, truncated or altered file (a disk error, a copy cut short, someone's
+cleanup script) makes it refused with one line naming the file, and the previous complete
+checkpoint is used instead. A save that fails (e.g. a full disk) leaves the previous checkpoint
+as it was and stops every rank with one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from stagewise import faults
+from stagewise.errors import TrainingError
 
 MANIFEST = "manifest.json"
 
@@ -42,9 +52,51 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(d: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under d but the manifest."""
+    return {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and checksum; else what is wrong."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    if isinstance(files, list):  # written before checksums were recorded: names only
+        missing = [f for f in files if not (path / f).exists()]
+        return f"{missing[0]} is missing" if missing else None
+    for rel, meta in files.items():
+        p = path / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['size']}"
+        if sha256(p) != meta["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
+
+
+def latest_checkpoint(root: str | Path, quiet: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; corrupt or incomplete ones are reported and skipped."""
+    from stagewise.tracking import print0
+
+    for ckpt in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if not quiet:
+            print0(f"[stagewise] warning: refusing checkpoint {ckpt}: {problem}; trying the previous one")
+    return None
 
 
 def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_last: int = 2) -> Path:
@@ -58,10 +110,32 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
     accelerator.wait_for_everyone()
     engine.save_state(tmp)
     accelerator.wait_for_everyone()
+    error = None
     if accelerator.is_main_process:
-        info = {**manifest, "step": step, "saved_at": time.time(), "num_processes": accelerator.num_processes,
-                "files": sorted(p.name for p in tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
+        try:
+            if faults.active("disk_full", step=step):
+                raise OSError(28, "No space left on device (injected)")
+            info = {**manifest, "step": step, "saved_at": time.time(), "num_processes": accelerator.num_processes,
+                    "files": file_table(tmp)}
+            with (tmp / MANIFEST).open("w") as fh:
+                fh.write(json.dumps(info, indent=2))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            error = f"{e.strerror or e}"
+    # every rank learns whether the main process could finish the checkpoint, so all stop together
+    from stagewise.parallel import runtime
+    import torch
+
+    failed = runtime.reduce_sum(torch.tensor([float(error is not None)], device=accelerator.device)).item() > 0
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingError(f"could not write checkpoint {final} ({error or 'failed on the main process'}); "
+                            f"{kept}; free space, then continue with --resume")
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:

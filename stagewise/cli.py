@@ -29,7 +29,7 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides, args.ablation)  # fail fast, before heavy imports
     from stagewise.continual.curriculum import run_curriculum
 
-    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, force=args.force)
     return 0
 
 
@@ -51,7 +51,7 @@ def _continual(args) -> int:
         for i in range(n):
             overrides += [f"stages.{i}.tasks_per_domain={args.tasks_per_domain}", f"stages.{i}.steps=null"]
     cfg = load_config(THREE_DOMAINS, overrides, args.ablation)
-    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     return 0
 
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ablation", help="apply the named override set from the config's `ablations:`")
         sp.add_argument("--resume", action="store_true", help="continue from the last complete stage/step")
         sp.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
+        sp.add_argument("--force", action="store_true",
+                        help="with --resume: continue even though model, data, batch or seed changed")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 stages.0.steps=10")
 
     r = sub.add_parser("run", help="run a config (one or more stages)")

@@ -13,6 +13,7 @@ micro-batch size being probed). A missing key matches everything. Kinds:
     nan_loss   the training loss of the step is NaN (every micro-batch of that rank)
     inf_grad   the loss stays finite but its gradient is infinite (a hook on the log-probs)
     oom        the automatic micro-batch probe runs out of memory (STAGEWISE_FAULTS="oom@micro=9-64")
+    disk_full  writing the checkpoint of that step fails with ENOSPC on the main process
 
 Unset (the normal case), every check is one dictionary lookup.
 """
@@ -23,7 +24,7 @@ import os
 from functools import lru_cache
 
 ENV = "STAGEWISE_FAULTS"
-KINDS = ("raise", "nan_loss", "inf_grad", "oom")
+KINDS = ("raise", "nan_loss", "inf_grad", "oom", "disk_full")
 KEYS = ("stage", "step", "rank", "micro")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from stagewise.continual.stage import StageJob
 from stagewise.domains import Domain, build_domain
 from stagewise.errors import ConfigError, StagewiseError
 from stagewise.evaluation import evaluate_domain, held_out_loss
+from stagewise.parallel.stop import StopRequest, stopped_by
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.models import load_model, load_model_config, load_tokenizer, replicated_init, resolve_model_path
 from stagewise.continual.metrics import continual_metrics, loss_metrics
@@ -95,6 +97,44 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
 
 
 RUN_MARKER = ".stagewise-run"
+# what a resumed run must share with the run it continues: otherwise the checkpoints and the data
+# position mean something else (other weights, other prompts, another batch). Logging, evaluation,
+# checkpointing and optimizer settings may change.
+RESUME_MUST_MATCH = re.compile(
+    r"^(seed|model\..*|domains\..*|data\..*|stages\.\d+\.(name|kind|domains|steps|epochs|replay|tasks_per_domain)(\..*)?"
+    r"|(stages\.\d+\.)?(rollout\.(prompts_per_step|num_generations)|sft\.(batch_size|max_seq_len|packing)))$")
+
+
+def _flatten(x, prefix: str = "") -> dict:
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
+    if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        return {k: v for i, val in enumerate(x) for k, v in _flatten(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: x}
+
+
+def resume_differences(saved: dict, new: dict) -> list[str]:
+    """The keys that a resume may not change, where the saved config.yaml and the new config differ."""
+    a, b = _flatten(saved), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if RESUME_MUST_MATCH.match(k))
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_resume_config(out: Path, cfg: RunConfig, force: bool) -> None:
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    new = cfg.model_dump(mode="json", exclude={"ablations"})
+    diffs = resume_differences({k: v for k, v in saved.items() if k != "ablations"}, new)
+    if diffs and not force:
+        raise StagewiseError(f"--resume: the config differs from the run's {saved_path} in {len(diffs)} key(s) that "
+                             f"must not change mid-run: {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''} "
+                             f"(add --force to resume anyway)")
+    if diffs:
+        print0(f"[stagewise] warning: --force: resuming with changed {', '.join(d.split(':')[0] for d in diffs)}")
 
 
 def holds_run(out: Path) -> bool:
@@ -117,7 +157,7 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                   stop_after: int | None = None) -> dict:
+                   stop_after: int | None = None, force: bool = False) -> dict:
     """Run (or continue) every stage; returns {"matrix", "metrics", "stopped"}.
 
     Everything that can be checked without a process group is checked first (shapes, output
@@ -139,6 +179,8 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
     for i, st in enumerate(cfg.stages):
         lookup("stage", st.kind).check(cfg, i, world)
     check_output_dir(out, resume=resume, overwrite=overwrite)
+    if resume:
+        check_resume_config(out, cfg, force)
     for mod in cfg.plugins:
         __import__(mod)
     domains = [build_domain(spec, cfg.seed, on_error=cfg.data.on_error) for spec in cfg.domains]
@@ -163,6 +205,7 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
     load_model_config(base_path, cfg.model.trust_remote_code)  # one clear line now if it cannot load
 
     tracker, ok = None, False
+    stop = StopRequest.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit 0
     try:
         state = runtime.start_run(cfg.dist)
         if state.is_main_process:
@@ -182,6 +225,7 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
         ok = True
         return result
     finally:
+        stop.restore()
         runtime.end_run(tracker, ok)
 
 
@@ -214,6 +258,9 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
     for i, st in enumerate(cfg.stages):
         sdir = stage_dir(cfg, i)
         if not is_exported(sdir / "model"):
+            if stopped_by() is not None:  # a signal arrived in the previous stage's last step
+                stopped = True
+                break
             if stop_after is not None and offset >= stop_after:
                 stopped = True
                 break
@@ -223,7 +270,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
             job = StageJob(cfg=cfg, index=i, tokenizer=tok, domains=[by_name[d] for d in st.domains],
                            replay_domains=list(dict.fromkeys(replay)), init_path=prev_path, ref_path=ref_path,
                            out_dir=sdir, run_dir=out, tracker=tracker,
-                           resume=resume and latest_checkpoint(sdir) is not None,
+                           resume=resume and latest_checkpoint(sdir, quiet=True) is not None,
                            stop_after=None if stop_after is None else stop_after - offset,
                            global_step_offset=offset)
             t0 = time.time()
@@ -266,6 +313,10 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
 
             write_report(out, cfg, [d.name for d in domains])
             print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"), losses)
+    elif stopped_by() is not None:
+        result["signal"] = stopped_by()
+        print0(f"[stagewise] stopped by {stopped_by()}: the current step finished and was checkpointed; "
+               f"continue with --resume")
     else:
         print0(f"[stagewise] stopped after {stop_after} steps; continue with --resume")
     return result

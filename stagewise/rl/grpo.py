@@ -35,6 +35,7 @@ from stagewise.models import load_model, load_model_config, replicated_init
 from stagewise.optim import make_adamw, make_scheduler
 from stagewise.parallel import runtime
 from stagewise.parallel.engine import TrainEngine
+from stagewise.parallel.stop import agreed_stop
 from stagewise.registry import lookup, register
 from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages)
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
@@ -381,7 +382,9 @@ def train_grpo_stage(job: StageJob) -> dict:
         bar.update(1, reward=metrics["reward"], loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
         # 6. checkpoint (collective) mid-stage, and honour a requested stop
-        stopping = job.stop_after is not None and counters.step >= job.stop_after and counters.step < total_steps
+        signalled = agreed_stop(acc.device)  # SIGTERM / SIGINT on any rank (collective)
+        stopping = counters.step < total_steps and (signalled or (job.stop_after is not None
+                                                                  and counters.step >= job.stop_after))
         if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
             save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": stage.name,
                                                                  "total_steps": total_steps}, cfg.checkpoint.keep_last)

@@ -41,6 +41,7 @@ from stagewise.models import load_model, load_model_config
 from stagewise.optim import make_adamw, make_scheduler
 from stagewise.parallel import runtime
 from stagewise.parallel.engine import TrainEngine
+from stagewise.parallel.stop import agreed_stop
 from stagewise.registry import register
 from stagewise.sft.data import PackedRow, pack, tokenize_conversation
 from stagewise.sft.loss import SFTLoss, collate
@@ -278,7 +279,9 @@ def _train_steps(job: StageJob, engine: TrainEngine, stream: RowStream, bar, pea
             job.tracker.log(metrics, step=job.global_step_offset + counters.step)
         bar.update(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
 
-        stopping = job.stop_after is not None and counters.step >= job.stop_after and counters.step < total_steps
+        signalled = agreed_stop(engine.acc.device)  # SIGTERM / SIGINT on any rank (collective)
+        stopping = counters.step < total_steps and (signalled or (job.stop_after is not None
+                                                                  and counters.step >= job.stop_after))
         if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
             save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": st.name,
                                                                  "total_steps": total_steps, "micro_batch": micro},
