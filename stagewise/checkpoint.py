@@ -99,8 +99,10 @@ def latest_checkpoint(root: str | Path, quiet: bool = False) -> Path | None:
     return None
 
 
-def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_last: int = 2) -> Path:
-    """Collective: every process must call it. Returns the final directory."""
+def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_last: int = 2,
+                    counters: Counters | None = None) -> Path:
+    """Collective: every process must call it. Returns the final directory. The counters go into the
+    manifest (JSON), not into a pickle: accelerate loads registered objects with weights_only=False."""
     accelerator = engine.acc
     base = Path(root) / "checkpoints"
     final, tmp = base / f"step-{step}", base / f".tmp-step-{step}"
@@ -116,7 +118,7 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
             if faults.active("disk_full", step=step):
                 raise OSError(28, "No space left on device (injected)")
             info = {**manifest, "step": step, "saved_at": time.time(), "num_processes": accelerator.num_processes,
-                    "files": file_table(tmp)}
+                    "counters": counters.state_dict() if counters is not None else None, "files": file_table(tmp)}
             with (tmp / MANIFEST).open("w") as fh:
                 fh.write(json.dumps(info, indent=2))
                 fh.flush()
@@ -146,7 +148,7 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
     return final
 
 
-def load_checkpoint(engine, path: str | Path) -> dict:
+def load_checkpoint(engine, path: str | Path, counters: Counters | None = None) -> dict:
     """Collective. Restores everything save_checkpoint saved; returns the manifest."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
     if manifest.get("num_processes", engine.acc.num_processes) != engine.acc.num_processes:
@@ -154,7 +156,18 @@ def load_checkpoint(engine, path: str | Path) -> dict:
 
         raise StagewiseError(f"{path}: saved with {manifest['num_processes']} processes, resuming with "
                              f"{engine.acc.num_processes}; resume with the same number")
-    engine.load_state(path)
+    import pickle
+
+    try:
+        engine.load_state(path)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a Python object it will not build
+        from stagewise.errors import StagewiseError
+
+        raise StagewiseError(f"{path}: refusing to load a checkpoint file that holds Python objects other than "
+                             f"tensors ({str(e).splitlines()[0][:160]}); it may have been tampered with. Delete "
+                             f"this checkpoint to resume from the previous one") from None
+    if counters is not None:
+        counters.load_state_dict(manifest.get("counters") or {"step": manifest["step"], "samples": 0})
     return manifest
 
 

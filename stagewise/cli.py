@@ -97,6 +97,19 @@ def _slurm(args) -> int:
     return 0
 
 
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is less than {lo}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stagewise", description="Continual GRPO post-training on Accelerate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="launch a config on N processes / machines")
     la.add_argument("--strategy", required=True, choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"])
-    la.add_argument("--num-processes", type=int, default=1, help="processes per machine")
-    la.add_argument("--num-machines", type=int, default=1)
-    la.add_argument("--machine-rank", type=int, default=0)
+    la.add_argument("--num-processes", type=_at_least(1), default=1, help="processes per machine")
+    la.add_argument("--num-machines", type=_at_least(1), default=1)
+    la.add_argument("--machine-rank", type=_at_least(0), default=0)
     la.add_argument("--main-process-ip", default="127.0.0.1")
     la.add_argument("--main-process-port", type=int, default=29500)
     la.add_argument("--launcher", choices=["accelerate", "torchrun", "deepspeed"], default="accelerate")

@@ -338,8 +338,12 @@ def resolve_raw(raw: dict, overrides: list[str] = (), ablation: str | None = Non
         raise ConfigError("config: the YAML file must hold a mapping at the top level")
     if ablation is not None:
         ablations = raw.get("ablations") or {}
+        if not isinstance(ablations, dict):
+            raise ConfigError(f"ablations: expected a mapping of name -> overrides, got {type(ablations).__name__}")
         if ablation not in ablations:
-            raise ConfigError(f"ablation: unknown ablation {ablation!r} (defined: {sorted(ablations) or 'none'})")
+            raise ConfigError(f"ablation: unknown ablation {ablation!r} (defined: {sorted(map(str, ablations)) or 'none'})")
+        if not isinstance(ablations[ablation] or {}, dict):
+            raise ConfigError(f"ablations.{ablation}: expected a mapping of dotted keys -> values")
         for key, value in _flatten(ablations[ablation] or {}):
             set_dotted(raw, key, value)
         raw["ablation"] = ablation

@@ -34,7 +34,7 @@ CASES = [
     ("stage override of a rollout", {}, ["stages.0.rollout={num_generations: 1}"], "num_generations: Input should be greater than or equal to 2"),
     ("repeated stage names", {}, ["stages.0.name=x", "stages.1.name=x"], "stages: names repeat"),
     ("plugin that fails to import", {}, ["plugins=[no_such_module_xyz]"], "plugins.0: cannot import 'no_such_module_xyz'"),
-    ("plugin domain that is not there", {}, ["domains.0.type=json:nope"], "domains.0.type: cannot load plugin 'json:nope'"),
+    ("plugin domain that is not there", {}, ["domains.0.type=json:nope"], "domains.add.type: cannot load plugin 'json:nope'"),
     ("missing model", {}, ["model.name_or_path=/no/such/model"], "/no/such/model"),
     ("unknown bundled model", {}, ["model.name_or_path=bundled:gpt5"], "unknown bundled model 'bundled:gpt5'"),
     ("offload without ZeRO", {}, ["dist.offload=optimizer"], "offload=optimizer needs a ZeRO strategy"),

@@ -57,11 +57,18 @@ def _offload(dist: DistConfig) -> dict:
     return d
 
 
-def check_user_config(user: dict, expected: dict, source: str) -> dict:
-    """Check a user JSON against the run; 'auto' values are filled in. Raises ConfigError per disagreement."""
+def check_user_config(user: dict, expected: dict, source: str, check_batch: bool = True) -> dict:
+    """Check a user JSON against the run; 'auto' values are filled in. Raises ConfigError per disagreement.
+    check_batch=False: everything but the batch numbers (checked before the stage's shapes are known)."""
+    if not isinstance(user, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(user).__name__}")
     out = json.loads(json.dumps(user))
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         val = out.get(key, "auto")
+        if not check_batch:
+            continue
+        if val != "auto" and (isinstance(val, bool) or not isinstance(val, int)):
+            raise ConfigError(f"{source}: {key}={val!r} must be an integer or \"auto\"")
         if val == "auto":
             out[key] = expected[key]
         elif int(val) != expected[key]:
@@ -69,6 +76,8 @@ def check_user_config(user: dict, expected: dict, source: str) -> dict:
                               f"(micro-batch x accumulation x processes); fix one of them")
     for prec in ("bf16", "fp16"):
         want = expected[prec]["enabled"]
+        if not isinstance(out.get(prec, {}), dict):
+            raise ConfigError(f"{source}: {prec} must be an object such as {{\"enabled\": true}}")
         have = out.get(prec, {}).get("enabled", "auto")  # absent = take the run's precision
         if have == "auto":
             out.setdefault(prec, {})["enabled"] = want
@@ -80,6 +89,8 @@ def check_user_config(user: dict, expected: dict, source: str) -> dict:
                           f"gradient norm through it; remove the key")
     if expected["bf16"]["enabled"]:
         out["bf16"].setdefault("check_grad_overflow", True)
+    if not isinstance(out.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{source}: zero_optimization must be an object")
     stage = out.get("zero_optimization", {}).get("stage")
     if stage is not None and stage != expected["zero_optimization"]["stage"]:
         raise ConfigError(f"{source}: zero_optimization.stage={stage} but dist.strategy is "

@@ -53,7 +53,7 @@ class TrainEngine:
         if strategy == "fsdp":
             fsdp.shard_model(module, device=acc.device, world=acc.num_processes, mixed_precision=mixed_precision)
             optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
-            # model and optimizer are checkpointed by fsdp.save; accelerate keeps the schedule, RNG, counters
+            # model and optimizer are checkpointed by fsdp.save; accelerate keeps the schedule and RNG
             scheduler = acc.prepare_scheduler(make_scheduler(optimizer))
             model = module
         else:
@@ -213,7 +213,8 @@ class TrainEngine:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
-        """Collective: everything needed to continue (model, optimizer, schedule, RNG, counters)."""
+        """Collective: everything needed to continue (model, optimizer, schedule, RNG); the step
+        counters go into the manifest (checkpoint.save_checkpoint)."""
         if self.strategy == "fsdp":
             fsdp.save(self.model, self.optimizer, directory)
         self.acc.save_state(str(directory))

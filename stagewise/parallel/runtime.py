@@ -115,6 +115,19 @@ def check(dist: DistConfig, world_size: int) -> None:
     cpu = on_cpu(dist)
     if dist.mixed_precision == "fp16" and cpu:
         raise ConfigError("dist.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    check_deepspeed_json(dist, world_size)
+
+
+def check_deepspeed_json(dist: DistConfig, world_size: int, micro_batch: int | None = None,
+                         grad_accum: int | None = None) -> None:
+    """A user DeepSpeed JSON: readable and consistent with the run, before any output is written. The
+    batch numbers are checked when the stage's shapes are given (micro_batch, grad_accum)."""
+    if not (dist.deepspeed_config and dist.strategy.startswith("zero")):
+        return
+    expected = dsc.make_deepspeed_config(dist, micro_batch=micro_batch or 1, grad_accum=grad_accum or 1,
+                                         world_size=world_size, max_grad_norm=1.0, hidden_size=64)
+    dsc.check_user_config(dsc.load_user_config(dist.deepspeed_config), expected, dist.deepspeed_config,
+                          check_batch=micro_batch is not None)
 
 
 def start_run(dist: DistConfig):

@@ -183,6 +183,7 @@ def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:
     if rows % gc.micro_batch_size:
         raise ConfigError(f"stages.{i}: grpo.micro_batch_size={gc.micro_batch_size} must divide the "
                           f"{rows} completions each process trains on per step")
+    runtime.check_deepspeed_json(cfg.dist, world, gc.micro_batch_size, rows // gc.micro_batch_size)
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -203,7 +204,6 @@ def train_grpo_stage(job: StageJob) -> dict:
     acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=gc.micro_batch_size,
                                     max_grad_norm=oc.max_grad_norm, hidden_size=hidden, output_dir=str(job.run_dir),
                                     stage_dir=str(job.out_dir))
-    acc.register_for_checkpointing(job.counters)
     rank = acc.process_index
     print0(f"[stagewise] {stage_label}: {runtime.describe(acc, cfg.dist.strategy, gc.micro_batch_size, gas)}")
     advantage_fn, aggregate = lookup("advantage", gc.advantage), lookup("loss", gc.loss)
@@ -231,7 +231,7 @@ def train_grpo_stage(job: StageJob) -> dict:
     counters = job.counters
     counters.step, counters.samples = 0, 0
     if job.resume and (ckpt := latest_checkpoint(job.out_dir)) is not None:
-        load_checkpoint(engine, ckpt)
+        load_checkpoint(engine, ckpt, job.counters)
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
     log_stage_start(engine, job)
     weights = RolloutWeights(engine, ro.weights, cfg.dist.mixed_precision)
@@ -387,7 +387,8 @@ def train_grpo_stage(job: StageJob) -> dict:
                                                                   and counters.step >= job.stop_after))
         if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
             save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": stage.name,
-                                                                 "total_steps": total_steps}, cfg.checkpoint.keep_last)
+                                                                 "total_steps": total_steps},
+                            cfg.checkpoint.keep_last, counters=counters)
         if stopping:
             bar.close()
             peak.stop()

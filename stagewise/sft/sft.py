@@ -196,13 +196,12 @@ def train_sft_stage(job: StageJob) -> dict:
     gas = per_process // micro
     engine = build(micro, gas)
     acc = engine.acc
-    acc.register_for_checkpointing(job.counters)
     print0(f"[stagewise] {job.label}: {runtime.describe(acc, cfg.dist.strategy, micro, gas)}; {counts['examples']} "
            f"examples -> {rows_per_epoch} rows of <= {sc.max_seq_len} tokens per epoch, {total_steps} steps")
     counters = job.counters
     counters.step, counters.samples = 0, 0
     if ckpt is not None:
-        load_checkpoint(engine, ckpt)
+        load_checkpoint(engine, ckpt, job.counters)
         print0(f"[stagewise] {job.label}: resumed from {ckpt} (step {counters.step}/{total_steps})")
     job.tracker.log({"stage": job.index + 1, "kind": "sft", "micro_batch": micro, "accumulation": gas,
                      "micro_batch_too_big": too_big, "rows_per_epoch": rows_per_epoch, **counts,
@@ -285,7 +284,7 @@ def _train_steps(job: StageJob, engine: TrainEngine, stream: RowStream, bar, pea
         if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
             save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": st.name,
                                                                  "total_steps": total_steps, "micro_batch": micro},
-                            cfg.checkpoint.keep_last)
+                            cfg.checkpoint.keep_last, counters=counters)
         if stopping:
             return True
     return False
