@@ -112,6 +112,8 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
     accelerator.wait_for_everyone()
     engine.save_state(tmp)
     accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    faults.maybe_kill("ckpt_state", step=step, rank=rank)
     error = None
     if accelerator.is_main_process:
         try:
@@ -137,9 +139,11 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
         kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
         raise TrainingError(f"could not write checkpoint {final} ({error or 'failed on the main process'}); "
                             f"{kept}; free space, then continue with --resume")
+    faults.maybe_kill("ckpt_manifest", step=step, rank=rank)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        faults.maybe_kill("ckpt_renamed", step=step, rank=rank)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in base.glob(".tmp-step-*"):
@@ -192,6 +196,7 @@ def export_model(engine, tokenizer, out_dir: str | Path, *, init_path: str, mode
             engine.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             _record_dtype(tmp, state_dict)
         tokenizer.save_pretrained(tmp)
+        faults.maybe_kill("export", stage=int((extra or {}).get("stage", -1)) + 1, rank=engine.acc.process_index)
         (tmp / "stagewise.json").write_text(json.dumps({"exported_at": time.time(), **(extra or {})}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

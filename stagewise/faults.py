@@ -14,6 +14,10 @@ micro-batch size being probed). A missing key matches everything. Kinds:
     inf_grad   the loss stays finite but its gradient is infinite (a hook on the log-probs)
     oom        the automatic micro-batch probe runs out of memory (STAGEWISE_FAULTS="oom@micro=9-64")
     disk_full  writing the checkpoint of that step fails with ENOSPC on the main process
+    kill       SIGKILL this process at a named point (``at=``): ckpt_state (the checkpoint's files are
+               written, its manifest is not), ckpt_manifest (complete but not yet renamed),
+               ckpt_renamed (before old ones are pruned), export (the stage's model half-written),
+               eval (evaluation between stages); the kill tests use them to land inside writes
 
 Unset (the normal case), every check is one dictionary lookup.
 """
@@ -24,15 +28,17 @@ import os
 from functools import lru_cache
 
 ENV = "STAGEWISE_FAULTS"
-KINDS = ("raise", "nan_loss", "inf_grad", "oom", "disk_full")
-KEYS = ("stage", "step", "rank", "micro")
+KINDS = ("raise", "nan_loss", "inf_grad", "oom", "disk_full", "kill")
+KEYS = ("stage", "step", "rank", "micro", "at")
 
 
 class InjectedFault(RuntimeError):
     """Raised by the ``raise`` fault."""
 
 
-def _matches(value: str, actual: int) -> bool:
+def _matches(value: str, actual: int | str) -> bool:
+    if isinstance(actual, str):
+        return value == actual
     if "-" in value:
         lo, hi = value.split("-", 1)
         return int(lo) <= actual <= int(hi)
@@ -62,6 +68,14 @@ def active(kind: str, **where: int) -> bool:
         return False
     return any(k == kind and all(key in where and _matches(v, where[key]) for key, v in conds)
                for k, conds in _parse(spec))
+
+
+def maybe_kill(at: str, **where: int) -> None:
+    """SIGKILL this process here when ``kill@at=<at>,...`` is requested (no cleanup can run)."""
+    if active("kill", at=at, **where):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def maybe_raise(*, stage: int, step: int, rank: int) -> None:

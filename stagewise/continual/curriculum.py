@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from stagewise import faults
 from stagewise import stages  # noqa: F401  (registers the stage kinds)
 from stagewise.checkpoint import is_exported, latest_checkpoint
 from stagewise.config import RunConfig, dump_config
@@ -243,6 +244,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
     state.setdefault("loss_rows", {})
 
     def evaluate(path: str, key: str, label: str, step: int) -> None:
+        faults.maybe_kill("eval", stage=int(key), rank=dist_state.process_index)
         state["rows"][key], state["loss_rows"][key], samples[label] = evaluate_row(
             dist_state, cfg, tok, path, domains, tracker, label if key == "0" else f"after {label}", step)
         if dist_state.is_main_process:
