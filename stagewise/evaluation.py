@@ -30,8 +30,8 @@ def evaluate_domain(model, tokenizer, domain: Domain, *, max_new_tokens: int, ba
     n_batches = -(-len(domain.eval[0::world]) // batch_size)
     engine = LocalEngine(model, tokenizer, device=device, all_done=all_done)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=tuple(eos_ids(tokenizer)))
-    if limits is None or domain.environment is None:
-        limits = EpisodeLimits(max_tokens=max(max_new_tokens, limits.max_tokens if limits else 0))
+    if limits is None or domain.environment is None:  # a single-turn task: one turn of max_new_tokens
+        limits = EpisodeLimits(max_tokens=max_new_tokens)
     correct = torch.zeros(2, dtype=torch.float64)
     samples = []
     for i in range(n_batches):

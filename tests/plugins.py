@@ -17,7 +17,7 @@ from stagewise.envs.base import Environment  # noqa: E402
 from stagewise.rl.engines import Generation, LocalEngine  # noqa: E402
 
 
-class SevensChat(Environment):
+class AsciiChat(Environment):
     """A simulated user asks twice for more; the reward is the share of ASCII characters in all the
     answers (dense enough for a random byte-level model to have signal in every group)."""
 
@@ -32,15 +32,15 @@ class SevensChat(Environment):
         return {"ascii": sum(ch.isascii() for ch in text) / max(len(text), 1)}
 
 
-@register("environment_domain", "sevens_chat")
-@register("domain", "sevens_chat")
-def sevens_chat(spec: DomainSpec, seed: int) -> Domain:
+@register("environment_domain", "ascii_chat")
+@register("domain", "ascii_chat")
+def ascii_chat(spec: DomainSpec, seed: int) -> Domain:
     train, held = split_items(list(range(1, 40)), spec.eval_size, spec.train_size, seed, spec.name)
     # args.turns: answers per episode (default 3); "varied": 1 to 3, by task
     turns = lambda i: 1 + i % 3 if spec.args.get("turns") == "varied" else spec.args.get("turns", 3)  # noqa: E731
     task = lambda i: {"prompt": f"Say seven {i} times.", "turns": turns(i)}  # noqa: E731
     return Domain(spec.name, [task(i) for i in train], [task(i) for i in held], rewards=[("ascii", 1.0)],
-                  metric=None, environment=SevensChat, reward_parts=SevensChat.reward_parts)
+                  metric=None, environment=AsciiChat, reward_parts=AsciiChat.reward_parts)
 
 
 class ShortTurns(LocalEngine):

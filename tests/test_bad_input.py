@@ -13,6 +13,8 @@ from tests.helpers import tiny_raw
 
 GOOD_JSONL = '{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?", "answer": "6"}\n{"prompt": "1+1?", "answer": "2"}\n'
 
+ZERO2_WITH_JSON = ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"]
+
 # (case id, files to write {name: text}, extra CLI args, expected fragment of the one error line)
 CASES = [
     ("unknown key", {}, ["optim.lrr=1"], "optim.lrr: unknown key"),
@@ -50,20 +52,20 @@ CASES = [
      ["domains.0.type=jsonl", "domains.0.args={path: DIR/empty.jsonl, reward: exact}"], "empty.jsonl: no records"),
     ("chat record with a bad role", {"chat.jsonl": '{"messages": [{"role": "robot", "content": "x"}]}\n'},
      ["domains.0.type=chat", "domains.0.args={path: DIR/chat.jsonl}", "stages.0.kind=sft"], "chat.jsonl:1"),
-    ("DeepSpeed JSON missing", {}, ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"],
+    ("DeepSpeed JSON missing", {}, ZERO2_WITH_JSON,
      "dist.deepspeed_config: file not found"),
     ("DeepSpeed JSON malformed", {"ds.json": '{"zero_optimization": {"stage": 2,}}'},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "is not valid JSON"),
+     ZERO2_WITH_JSON, "is not valid JSON"),
     ("DeepSpeed JSON with another ZeRO stage", {"ds.json": '{"zero_optimization": {"stage": 3}}'},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "zero_optimization.stage=3 but dist.strategy is zero2"),
+     ZERO2_WITH_JSON, "zero_optimization.stage=3 but dist.strategy is zero2"),
     ("DeepSpeed JSON with another batch", {"ds.json": '{"train_micro_batch_size_per_gpu": 2}'},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "train_micro_batch_size_per_gpu=2 but the run uses 4"),
+     ZERO2_WITH_JSON, "train_micro_batch_size_per_gpu=2 but the run uses 4"),
     ("DeepSpeed JSON without precision it needs", {"ds.json": '{"bf16": {"enabled": false}}'},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "bf16.enabled=False but dist.mixed_precision asks for it"),
+     ZERO2_WITH_JSON, "bf16.enabled=False but dist.mixed_precision asks for it"),
     ("DeepSpeed JSON that turns off the overflow check", {"ds.json": '{"bf16": {"enabled": true, "check_grad_overflow": false}}'},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "check_grad_overflow=false"),
+     ZERO2_WITH_JSON, "check_grad_overflow=false"),
     ("DeepSpeed JSON that is a list", {"ds.json": "[1]"},
-     ["dist.strategy=zero2", "dist.deepspeed_config=DIR/ds.json"], "expected a JSON object"),
+     ZERO2_WITH_JSON, "expected a JSON object"),
     ("DeepSpeed JSON for a DDP run", {"ds.json": "{}"}, ["dist.deepspeed_config=DIR/ds.json"],
      "deepspeed_config is only used with a zero1/zero2/zero3 strategy"),
 ]

@@ -128,7 +128,7 @@ class ChatRenderer:
         return self.tok(done[end + len(stop_token):] + nxt[len(done):], add_special_tokens=False)["input_ids"]
 
 
-def start_episodes(tokenizer, renderer: ChatRenderer, examples: list[tuple[object, dict]],
+def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]],
                    group_size: int) -> list[Episode]:
     """G episodes per (domain, task), each with its own environment; the opening is rendered once per task."""
     eps = []
@@ -155,7 +155,7 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
     whose episodes have all ended still joins each turn's generation with an empty batch).
     """
     renderer = ChatRenderer(tokenizer)
-    eps = start_episodes(tokenizer, renderer, examples, group_size)
+    eps = start_episodes(renderer, examples, group_size)
     for turn in range(limits.max_turns):
         active = [i for i, e in enumerate(eps) if not e.ended]
         if (all_done(not active) if all_done is not None else not active):

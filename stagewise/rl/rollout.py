@@ -80,8 +80,9 @@ def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch
         cmask[i, :n] = 1
         pmask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
     names = sorted({n for e in eps for n, _ in e.domain.rewards})
-    parts = {n: torch.tensor([e.parts.get(n, float("nan")) if any(m == n for m, _ in e.domain.rewards)
-                              else float("nan") for e in eps]) for n in names}
+    # NaN where a row's domain does not weigh that part (a replay mix of domains)
+    parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in dict(e.domain.rewards) else float("nan")
+                              for e in eps]) for n in names}
     stats = {"turns": [e.turns for e in eps], "tool_calls": [e.tool_calls for e in eps],
              "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps]}
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),

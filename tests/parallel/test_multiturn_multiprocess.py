@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def write(tmp, model_dir, name, turns=3):
     raw = tiny_raw(model_dir, tmp / name, stages=1, steps=3)
-    raw["domains"] = [{"name": "chat", "type": "sevens_chat", "eval_size": 4, "args": {"turns": turns}}]
+    raw["domains"] = [{"name": "chat", "type": "ascii_chat", "eval_size": 4, "args": {"turns": turns}}]
     raw["stages"] = [{"domains": ["chat"], "steps": 3}]
     raw["rollout"] = {"engine": "short_turns", "max_new_tokens": 4, "max_turns": 3, "max_episode_tokens": 96,
                       "prompts_per_step": 4, "num_generations": 4}  # 2 groups per process with 2 processes

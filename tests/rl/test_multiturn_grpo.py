@@ -10,7 +10,7 @@ import torch
 from stagewise.continual.curriculum import run_curriculum
 from tests.helpers import load_weights, tiny_config
 
-MULTI_TURN = ["domains=[{name: chat, type: sevens_chat, eval_size: 4}]", "stages=[{domains: [chat], steps: 4}]",
+MULTI_TURN = ["domains=[{name: chat, type: ascii_chat, eval_size: 4}]", "stages=[{domains: [chat], steps: 4}]",
               "rollout.engine=short_turns", "rollout.max_new_tokens=4", "rollout.max_turns=3",
               "rollout.max_episode_tokens=96", "rollout.prompts_per_step=2", "rollout.num_generations=4",
               "grpo.micro_batch_size=4", "optim.lr=1e-2", "eval.before_first_stage=false"]
