@@ -195,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _lost_peer(e):
             raise
-        print(f"error: {_rank_prefix()}lost contact with another process ({_first_line(e)[:200]}); it failed or "
-              f"was stopped first: its log has the cause", file=sys.stderr)
+        if _timed_out(e):
+            print(f"error: {_rank_prefix()}another process did not answer within the collective timeout "
+                  f"(dist.timeout_s): it is stuck or gone ({_first_line(e)[:200]}); its log has the cause",
+                  file=sys.stderr)
+        else:
+            print(f"error: {_rank_prefix()}lost contact with another process ({_first_line(e)[:200]}); it failed or "
+                  f"was stopped first: its log has the cause", file=sys.stderr)
         return 1
 
 
@@ -208,6 +213,11 @@ def _rank_prefix() -> str:
     import os
 
     return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _timed_out(e: BaseException) -> bool:
+    text = str(e)
+    return any(s in text for s in ("Timed out waiting", "timed out after", "Socket Timeout", "Timeout"))
 
 
 def _lost_peer(e: BaseException) -> bool:

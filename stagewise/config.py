@@ -187,8 +187,11 @@ class StageConfig(_Part):
 
 class EvalConfig(_Part):
     max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)  # episodes per generation batch
     before_first_stage: bool = True
+    # episodes per held-out task of an environment domain: 1 = greedy; n > 1 = n sampled at
+    # rollout.temperature, the matrix holds pass^1 and pass^k (k = 1..n) is logged as eval/<domain>/pass^k
+    trials: int = Field(1, ge=1)
     # held-out loss / perplexity of every domain after every stage; None: when the run has an sft stage
     held_out_loss: bool | None = None
 

@@ -10,6 +10,8 @@ A fault is ``kind@key=value,...``; several are separated by ``;``. Keys: ``stage
 micro-batch size being probed). A missing key matches everything. Kinds:
 
     raise      raise InjectedFault at the start of the step (an error on one rank)
+    stall      hang at the start of the step (a rank stuck on a file system or a driver): its peers
+               must give up after ``dist.timeout_s`` instead of waiting forever
     nan_loss   the training loss of the step is NaN (every micro-batch of that rank)
     inf_grad   the loss stays finite but its gradient is infinite (a hook on the log-probs)
     oom        the automatic micro-batch probe runs out of memory (STAGEWISE_FAULTS="oom@micro=9-64")
@@ -28,7 +30,7 @@ import os
 from functools import lru_cache
 
 ENV = "STAGEWISE_FAULTS"
-KINDS = ("raise", "nan_loss", "inf_grad", "oom", "disk_full", "kill")
+KINDS = ("raise", "stall", "nan_loss", "inf_grad", "oom", "disk_full", "kill")
 KEYS = ("stage", "step", "rank", "micro", "at")
 
 
@@ -79,6 +81,11 @@ def maybe_kill(at: str, **where: int) -> None:
 
 
 def maybe_raise(*, stage: int, step: int, rank: int) -> None:
+    if active("stall", stage=stage, step=step, rank=rank):
+        import time
+
+        while True:  # signals are handled between sleeps (and ignored: a stuck rank does not react)
+            time.sleep(3600)
     if active("raise", stage=stage, step=step, rank=rank):
         raise InjectedFault(f"injected fault on rank {rank} at stage {stage} step {step} ({ENV})")
 

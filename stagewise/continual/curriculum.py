@@ -72,16 +72,20 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
     max_len = max((cfg.stage_part(i, "sft").max_seq_len for i, s in enumerate(cfg.stages) if s.kind == "sft"),
                   default=cfg.sft.max_seq_len)
     reduce = lambda t: runtime.reduce_sum(t.to(state.device)).cpu()  # noqa: E731
-    row, losses, samples = [], [], {}
+    row, losses, samples, pass_k_logs = [], [], {}, {}
     t0 = time.time()
     for dom in domains:
         accuracy = None
         if dom.metric is not None:
-            accuracy, samples[dom.name] = evaluate_domain(
+            trials = cfg.eval.trials if dom.environment is not None else 1
+            accuracy, samples[dom.name], pass_k = evaluate_domain(
                 model, tok, dom, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                 rank=state.process_index, world=state.num_processes, device=state.device, reduce_sum=reduce,
                 limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_tokens=cfg.rollout.max_episode_tokens,
-                                     max_tool_errors=cfg.rollout.max_tool_errors))
+                                     max_tool_errors=cfg.rollout.max_tool_errors),
+                trials=trials, temperature=cfg.rollout.temperature, seed=cfg.seed)
+            if trials > 1:
+                pass_k_logs.update({f"eval/{dom.name}/pass^{k}": v for k, v in pass_k.items()})
         row.append(accuracy)
         losses.append(held_out_loss(model, tok, dom, max_len=max_len, rank=state.process_index,
                                     world=state.num_processes, device=state.device, reduce_sum=reduce)
@@ -89,9 +93,10 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
     tracker.log({"eval_row": label, **{f"eval/{d.name}": a for d, a in zip(domains, row) if a is not None},
                  **{f"eval_loss/{d.name}": x for d, x in zip(domains, losses) if x is not None},
                  **{f"eval_perplexity/{d.name}": math.exp(min(x, 50.0)) for d, x in zip(domains, losses) if x is not None},
-                 "eval_time": time.time() - t0}, step=step)
+                 **pass_k_logs, "eval_time": time.time() - t0}, step=step)
     shown = [f"{d.name} {a:.3f}" for d, a in zip(domains, row) if a is not None]
     shown += [f"{d.name} loss {x:.3f}" for d, x in zip(domains, losses) if x is not None]
+    shown += [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in pass_k_logs.items() if not k.endswith("/pass^1")]
     print0(f"[stagewise] eval {label}: " + "  ".join(shown))
     del model
     return row, losses, samples

@@ -5,4 +5,4 @@ registers its own with ``@register("domain", name)`` or is named as ``"module:fu
 """
 
 from stagewise.domains.base import Domain, build_domain, split_items  # noqa: F401
-from stagewise.domains import builtin, calculator, chat, jsonl  # noqa: F401,E402  (register the built-in builders)
+from stagewise.domains import builtin, calculator, chat, jsonl, tau2  # noqa: F401,E402  (register the built-in builders)

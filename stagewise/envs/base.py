@@ -16,6 +16,10 @@ next message) continues the episode and whose ``None`` ends it. ``reward()`` is 
 end, as named parts; the domain weighs them into the training reward and names the part whose
 value 1.0 counts as success in the accuracy matrix.
 
+An environment whose tools are not Python callables (tau2-bench's: JSON schemas and an executor)
+overrides ``tool_schemas()`` and ``run_tool(call)`` instead of ``tools()``. A tool may end the episode
+by setting ``self.finished`` (tau2's ``done``, a transfer to a human).
+
 A TRL-style environment class (public methods are tools, ``reset(**task)``, ``get_reward()``)
 plugs in through ``TRLEnvironment.factory(cls)``.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import inspect
 from typing import Callable
+
+from stagewise.envs.tools import call_tool, tool_schema
 
 
 class Environment:
@@ -36,6 +42,8 @@ class Environment:
         self.answer: str | None = None  # the policy's last turn without a tool call, or its cut-off last turn
         # every well-formed call the policy made, in order: {"name", "arguments", "ok", "result"}
         self.tool_calls: list[dict] = []
+        self.finished = False  # set by a tool that ends the episode
+        self._callables: dict[str, Callable] | None = None
 
     def opening(self) -> list[dict]:
         """The conversation before the policy's first turn: chat messages (system / user / ...)."""
@@ -46,6 +54,20 @@ class Environment:
         """The tools the policy may call (functions or bound methods with type hints and an
         ``Args:`` docstring). [] = a single-turn task: the first turn is the answer."""
         return []
+
+    def tool_schemas(self) -> list[dict]:
+        """The tools' OpenAI / chat-template schemas (default: derived from ``tools()``)."""
+        return [tool_schema(fn) for fn in self._tools_by_name().values()]
+
+    def run_tool(self, call: dict) -> tuple[str, bool]:
+        """Run one parsed call {"name", "arguments"} -> (text of the tool message, failed). Must not
+        raise on anything the policy writes (default: the callables of ``tools()``)."""
+        return call_tool(self._tools_by_name(), call)
+
+    def _tools_by_name(self) -> dict[str, Callable]:
+        if self._callables is None:
+            self._callables = {fn.__name__: fn for fn in self.tools()}
+        return self._callables
 
     def reply(self, text: str) -> str | None:
         """The policy answered without calling a tool. Return the (simulated) user's next message to

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import sys
+
+from stagewise.errors import StagewiseError
 
 ZERO = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -65,8 +66,16 @@ def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
 
 
 def run_command(cmd: list[str], env: dict[str, str]) -> int:
+    """Become the launcher (exec, not a child process): a scheduler or user that signals or kills
+    `stagewise launch` then reaches the launcher itself, and its ranks follow it (they exit when their
+    launcher is gone, parallel/runtime.exit_with_launcher)."""
     print("+ " + shlex.join(cmd), flush=True)
-    return subprocess.call(cmd, env={**os.environ, **env})
+    # exec keeps this pid: the ranks know their launcher's pid even if it is killed before they start
+    env = {**os.environ, **env, "STAGEWISE_LAUNCHER_PID": str(os.getpid())}
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        raise StagewiseError(f"cannot start {cmd[0]}: {e.strerror}") from None
 
 
 def slurm_script(args) -> str:

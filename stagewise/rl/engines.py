@@ -60,6 +60,7 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer, *, device, all_done: Callable[[bool], bool] | None = None):
         self.model, self.tokenizer, self.device, self.all_done = model, tokenizer, device, all_done
+        self.context = context_length(model)
 
     def generate(self, prompts: list[list[int]], *, n: int, seeds: list[int] | None,
                  params: SamplingParams) -> Generation:
@@ -80,3 +81,15 @@ class LocalEngine:
 
 
 register("rollout_engine", "local")(LocalEngine)
+
+
+def context_length(model) -> int | None:
+    """The model's position limit (max_position_embeddings), through DDP / DeepSpeed / PEFT wrappers."""
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "max_position_embeddings", None):
+            return int(config.max_position_embeddings)
+        model = getattr(model, "module", None) or getattr(model, "base_model", None)
+        if model is None:
+            return None
+    return None

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 
 from stagewise.envs.base import Environment
-from stagewise.envs.tools import call_tool, parse_tool_calls, tool_schema
+from stagewise.envs.tools import parse_tool_calls
 from stagewise.errors import ConfigError
 from stagewise.rl.engines import SamplingParams
 from stagewise.rl.prompts import render
@@ -40,8 +40,7 @@ class Episode:
     env: Environment
     prompt: list[int]
     messages: list[dict]  # the conversation as text (for rendering appended turns and for reports)
-    tools: dict = field(default_factory=dict)  # name -> callable
-    schemas: list = field(default_factory=list)  # the tools' JSON schemas
+    schemas: list = field(default_factory=list)  # the tools' JSON schemas ([]: a single-turn task)
     opening: list = field(default_factory=list)  # the messages before the policy's first turn
     tokens: list[int] = field(default_factory=list)
     policy: list[int] = field(default_factory=list)
@@ -128,21 +127,31 @@ class ChatRenderer:
         return self.tok(done[end + len(stop_token):] + nxt[len(done):], add_special_tokens=False)["input_ids"]
 
 
-def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]],
-                   group_size: int) -> list[Episode]:
-    """G episodes per (domain, task), each with its own environment; the opening is rendered once per task."""
+def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]], group_size: int,
+                   context: int | None = None, room: int = 0, max_new: int = 0) -> list[Episode]:
+    """G episodes per (domain, task), each with its own environment; the opening is rendered once per task.
+    context: the model's length limit; a prompt that leaves less than ``room`` tokens (multi-turn)
+    or ``max_new`` (single-turn) is refused."""
     eps = []
     for dom, task in examples:
         first = None
         for _ in range(group_size):
             env = dom.make_env(task)
-            tools = {fn.__name__: fn for fn in env.tools()}
             if first is None:
-                schemas = [tool_schema(fn) for fn in tools.values()]
+                schemas = env.tool_schemas()
                 opening = renderer.with_tool_prompt(env.opening(), schemas)
-                first = (schemas, opening, renderer.opening_ids(opening, schemas))
+                ids = renderer.opening_ids(opening, schemas)
+                # a single-turn task adds one completion; a multi-turn one up to the episode's token budget
+                more, what = (room if schemas else max_new), ("rollout.max_episode_tokens" if schemas else "max_new_tokens")
+                if context is not None and len(ids) + more > context:
+                    which = f"task {task['id']}" if "id" in task else "a task"
+                    raise ConfigError(
+                        f"domains.{dom.name}: the prompt of {which} is {len(ids)} tokens (with {len(schemas)} tool "
+                        f"schemas) and an episode may add {more} more ({what}), but the model's context is {context} "
+                        f"tokens; use a model with a longer context or lower {what} (prompts are never cut)")
+                first = (schemas, opening, ids)
             schemas, opening, ids = first
-            eps.append(Episode(dom, task, env, ids, list(opening), tools, schemas, list(opening)))
+            eps.append(Episode(dom, task, env, ids, list(opening), schemas, list(opening)))
     return eps
 
 
@@ -155,7 +164,8 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
     whose episodes have all ended still joins each turn's generation with an empty batch).
     """
     renderer = ChatRenderer(tokenizer)
-    eps = start_episodes(renderer, examples, group_size)
+    eps = start_episodes(renderer, examples, group_size, getattr(engine, "context", None),
+                         room=limits.max_tokens, max_new=min(limits.max_tokens, params.max_new_tokens))
     for turn in range(limits.max_turns):
         active = [i for i, e in enumerate(eps) if not e.ended]
         if (all_done(not active) if all_done is not None else not active):
@@ -189,20 +199,20 @@ def take_turn(e: Episode, toks: list[int], finished: bool, tokenizer, renderer: 
         e.env.answer = text  # scored as it stands, as a truncated single-turn completion is
         e.truncated = True
         return
-    calls, error = parse_tool_calls(text) if e.tools else ([], None)
+    calls, error = parse_tool_calls(text) if e.schemas else ([], None)
     if calls or error:
         results = []
         if error:
             results.append(error)
             e.tool_errors += 1
         for call in calls:
-            out, failed = call_tool(e.tools, call)
+            out, failed = e.env.run_tool(call)
             e.env.tool_calls.append({**call, "ok": not failed, "result": out})
             e.tool_calls += 1
             e.tool_errors += int(failed)
             results.append(out)
         new = [{"role": "tool", "content": r} for r in results]
-        if e.tool_errors > limits.max_tool_errors:
+        if e.tool_errors > limits.max_tool_errors or e.env.finished:
             e.messages += [{"role": "assistant", "content": text}] + new
             e.done = True
             return

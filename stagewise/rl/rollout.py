@@ -79,9 +79,11 @@ def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch
         comp[i, :n] = torch.tensor(e.tokens, dtype=torch.long)
         cmask[i, :n] = 1
         pmask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
-    names = sorted({n for e in eps for n, _ in e.domain.rewards})
-    # NaN where a row's domain does not weigh that part (a replay mix of domains)
-    parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in dict(e.domain.rewards) else float("nan")
+    # every part a domain weighs or its environment reports (tau2: pass, db, actions, ...), logged as
+    # reward/<part>; NaN where a row's domain has no such part (a replay mix of domains)
+    known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ()) for e in eps}
+    names = sorted(set().union(*known.values())) if eps else []
+    parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in known[id(e.domain)] else float("nan")
                               for e in eps]) for n in names}
     stats = {"turns": [e.turns for e in eps], "tool_calls": [e.tool_calls for e in eps],
              "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps]}

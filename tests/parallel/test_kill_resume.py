@@ -6,8 +6,8 @@ start-up, sampling, a backward pass, a checkpoint write) or arms a kill at a nam
 fault hooks (``STAGEWISE_FAULTS=kill@at=...``): inside a checkpoint write (files written but no
 manifest; manifest written but not renamed; renamed but old ones not pruned), half-way through a
 stage's export, or at evaluation between stages. The points are chosen ahead of the run's progress so
-that they are reached. Two processes: the whole process group is killed, or one rank only (the
-launcher then stops the other).
+that they are reached. Two processes: the launcher and both ranks are killed, or one rank only (the
+launcher then stops the other), or the launcher only (the ranks exit by themselves).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def kill_and_resume(cfg: Path, strategy: str, seed: int, check) -> dict:
         assert tally["rounds"] < 80, tally
         stage, last = progress(out)
         env = {k: v for k, v in os.environ.items() if k != "STAGEWISE_FAULTS"}
-        plan = "finish" if tally["kills"] >= KILLS else rng.choice(["timed", "armed", "armed"])
+        plan = "finish" if tally["kills"] >= KILLS else rng.choice(["timed", "armed"] if strategy != "single" else ["timed", "armed", "armed"])
         point = None
         if plan == "armed":
             state = out / "curriculum.json"
@@ -142,10 +142,16 @@ def kill_and_resume(cfg: Path, strategy: str, seed: int, check) -> dict:
             while time.time() < deadline and proc.poll() is None:
                 time.sleep(0.05)
             if proc.poll() is None:
-                victims = worker_pids(proc.pid) if strategy != "single" and rng.random() < 0.5 else []
+                how = rng.choice(["tree", "one_rank", "launcher"]) if strategy != "single" else "tree"
+                victims = worker_pids(proc.pid) if how == "one_rank" else []
                 if victims:
-                    os.kill(rng.choice(victims), signal.SIGKILL)  # one rank only
+                    os.kill(rng.choice(victims), signal.SIGKILL)  # one rank only: the launcher stops the other
                     tally["one_rank"] += 1
+                elif how == "launcher":
+                    # the launcher only: its ranks must notice and exit by themselves (re-parented, they
+                    # are out of kill_tree's reach, and communicate() below waits for their output pipe)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    tally["launcher_only"] = tally.get("launcher_only", 0) + 1
                 else:
                     kill_tree(proc.pid)  # the launcher and every rank
                 tally["kills"] += 1
@@ -184,11 +190,10 @@ def reference(tmp: Path, model_dir: Path, strategy: str) -> Path:
     return tmp / "reference"
 
 
-# In make test: one process. DDP and ZeRO-2 (STAGEWISE_KILL_TESTS=all): an earlier version of this
-# harness killed only the launcher's process group, and ranks left running wrote into the resumed
-# run (once: different final weights; once: a hang). With the whole tree killed they are to be
-# re-checked before they join CI (issue 13).
-STRATEGIES = ["single", "ddp", "zero2"] if os.environ.get("STAGEWISE_KILL_TESTS") == "all" else ["single"]
+# Two processes: the harness kills the whole tree, one rank, or the launcher alone. An earlier version
+# killed only the launcher's process group; torch elastic's ranks (sessions of their own) lived on and
+# wrote into the resumed run: ranks now exit when their launcher is gone (exit_with_launcher).
+STRATEGIES = ["single", "ddp", "zero2"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

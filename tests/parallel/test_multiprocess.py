@@ -286,6 +286,20 @@ def test_error_on_one_rank_ends_every_rank_promptly(fp32_runs, tiny_model_dir):
     assert time.time() - t0 < 120  # not the 30-minute collective timeout
 
 
+def test_stalled_rank_ends_every_rank_after_the_collective_timeout(fp32_runs, tiny_model_dir):
+    """Rank 1 hangs at step 2 (stuck file system, driver): rank 0 gives up after dist.timeout_s with
+    one line, and the launcher then stops the stuck rank (SIGTERM, SIGKILL after its 30 s grace)."""
+    cfg = write_cfg(fp32_runs, tiny_model_dir, "stall", overrides={"dist": {"timeout_s": 10}})
+    t0 = time.time()
+    r = launch(cfg, "ddp", env={"STAGEWISE_FAULTS": "stall@rank=1,step=2"}, timeout=400, check=False)
+    took = time.time() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "error: rank 0: another process did not answer within the collective timeout (dist.timeout_s)" in out, out[-3000:]
+    assert "Traceback" not in out.split("error: rank 0:")[0]  # no rank printed a traceback before the line
+    assert took < 10 + 30 + 120, took  # timeout + the launcher's grace + start-up, not the default 30 minutes
+
+
 def test_error_on_one_machine_ends_the_other(fp32_runs, tiny_model_dir):
     """Separate launchers (no common agent to stop the peer): the surviving machine's next
     collective fails and it exits with one line instead of hanging."""

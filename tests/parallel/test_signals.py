@@ -101,3 +101,40 @@ def _rank_of(d: Path) -> dict[int, int]:
     if env.get("STAGEWISE_TEST_TAG") == "pending" and "LOCAL_RANK" in env and "RANK" in env:
         return {int(env["RANK"]): int(d.name)}
     return {}
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path, tiny_model_dir):
+    """SIGKILL to `stagewise launch` alone (an OOM killer, `kill -9` of the job's main process): torch
+    elastic starts ranks in sessions of their own, so before this they trained on as orphans and wrote
+    into the run's directory next to the resumed run."""
+    cfg = write(tmp_path, tiny_model_dir, "run")
+    cmd = [sys.executable, "-m", "stagewise", "launch", "--strategy", "ddp", "--num-processes", "2",
+           "--main-process-port", str(free_port()), str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "STAGEWISE_TEST_TAG": "pending"}, start_new_session=True)
+    ranks = {}
+    try:
+        wait_for_step(tmp_path / "run", 2, proc)
+        ranks = {r: p for d in Path("/proc").iterdir() if d.name.isdigit() for r, p in _rank_of(d).items()}
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only; not its process group
+        output = proc.communicate(timeout=60)[0]  # the pipe closes when the last rank holding it is gone
+        t0 = time.time()
+        while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in ranks.values()):
+            assert time.time() - t0 < 15, f"ranks still running 15 s after their launcher was killed:\n{output[-3000:]}"
+            time.sleep(0.1)
+    finally:
+        for p in ranks.values():
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "its launcher" in output and "is gone; exiting" in output, output[-3000:]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"

@@ -1,0 +1,218 @@
+"""Simulated users: the other side of a conversation, chosen by name (registry ``user_simulator``).
+
+    users = build_user_simulator({"kind": "local", "model": "bundled:smollm2-135m-instruct"})
+    session = users.session(system="<guidelines + scenario>", tools=[...schemas...], task=task)
+    session.first_message("Hi! How can I help you today?")   # -> "I want to cancel my flight."
+    turn = session.respond("Which reservation?")             # -> {"content": ...} or {"tool_calls": [...]}
+    turn = session.tool_results(["...result..."])            # after the user's own tool calls
+
+Kinds:
+    local     a Hugging Face model in this process (a path, a hub id in the local cache, or
+              ``bundled:...``), greedy by default: the same user for every run
+    endpoint  an OpenAI-compatible chat-completions server (a local vLLM or llama.cpp server) by URL
+    scripted  no model: for tests and oracles. Opens with ``first`` (a format string with {id} and
+              {reason_for_call}; default: the task's reason for the call), then performs the task's expected user-side actions one per agent message
+              (``actions``, tau2 tasks), then says ``stop``; or replies from a fixed list ``replies``
+
+A session keeps the conversation from the user's side: the agent's messages are its "user" turns
+and its own messages are "assistant" turns (as tau2's user simulator flips roles).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from functools import lru_cache
+
+from stagewise.envs.tools import parse_tool_calls
+from stagewise.errors import ConfigError, TrainingError
+from stagewise.registry import lookup, register
+
+
+class ChatSession:
+    """A session over a chat backend: ``complete(messages, tools) -> {"content"} | {"tool_calls"}``."""
+
+    def __init__(self, complete, system: str, tools: list[dict]):
+        self.complete, self.tools = complete, tools
+        self.history: list[dict] = [{"role": "system", "content": system}]
+
+    def first_message(self, greeting: str) -> str:
+        self.history.append({"role": "user", "content": greeting})
+        turn = self._next()
+        return turn.get("content") or ""
+
+    def assume_first(self, greeting: str, first: str) -> None:
+        """Start from an opening another session produced (episodes of one task share their prompt)."""
+        self.history += [{"role": "user", "content": greeting}, {"role": "assistant", "content": first}]
+
+    def respond(self, agent_text: str) -> dict:
+        self.history.append({"role": "user", "content": agent_text})
+        return self._next()
+
+    def tool_results(self, results: list[str]) -> dict:
+        self.history += [{"role": "tool", "content": r} for r in results]
+        return self._next()
+
+    def _next(self) -> dict:
+        turn = self.complete(self.history, self.tools)
+        if turn.get("tool_calls"):
+            self.history.append({"role": "assistant", "content": json.dumps(turn["tool_calls"])})
+        else:
+            self.history.append({"role": "assistant", "content": turn.get("content") or ""})
+        return turn
+
+
+class ScriptedUser:
+    def __init__(self, first: str | None = None, replies: list[str] | None = None, stop: str = "###STOP###",
+                 actions: bool = True):
+        self.first, self.replies, self.stop, self.actions = first, replies, stop, actions
+
+    def session(self, system: str, tools: list[dict], task=None) -> ScriptedSession:
+        return ScriptedSession(self, task)
+
+
+class ScriptedSession:
+    def __init__(self, spec: ScriptedUser, task):
+        self.spec, self.task, self.turn = spec, task, 0
+        criteria = getattr(task, "evaluation_criteria", None)
+        self.pending = [a for a in (criteria.actions or []) if a.requestor == "user"] \
+            if spec.actions and criteria is not None else []
+
+    def first_message(self, greeting: str) -> str:
+        instructions = getattr(getattr(self.task, "user_scenario", None), "instructions", None)
+        reason = getattr(instructions, "reason_for_call", None) or str(instructions or "Hello.")
+        if self.spec.first is None:
+            return reason
+        return self.spec.first.format(id=getattr(self.task, "id", ""), reason_for_call=reason)
+
+    def assume_first(self, greeting: str, first: str) -> None:
+        pass
+
+    def respond(self, agent_text: str) -> dict:
+        if self.pending:  # what the agent should have asked for next: done on the user's device
+            action = self.pending.pop(0)
+            return {"tool_calls": [{"name": action.name, "arguments": dict(action.arguments)}]}
+        if self.spec.replies is not None and self.turn < len(self.spec.replies):
+            self.turn += 1
+            return {"content": self.spec.replies[self.turn - 1]}
+        return {"content": self.spec.stop}
+
+    def tool_results(self, results: list[str]) -> dict:
+        return {"content": "Done."}
+
+
+class LocalModelUser:
+    """A causal LM in this process; sessions generate with our sampler (greedy unless temperature > 0)."""
+
+    def __init__(self, model: str = "bundled:smollm2-135m-instruct", max_new_tokens: int = 96,
+                 temperature: float = 0.0, seed: int = 0):
+        self.name, self.max_new_tokens, self.temperature, self.seed = model, max_new_tokens, temperature, seed
+        self.calls = 0
+
+    def session(self, system: str, tools: list[dict], task=None) -> ChatSession:
+        return ChatSession(self.complete, system, tools)
+
+    def complete(self, messages: list[dict], tools: list[dict]) -> dict:
+        import torch
+
+        from stagewise.rl.episodes import ChatRenderer
+        from stagewise.rl.sampling import sample
+
+        model, tok = _load_user_model(self.name)
+        renderer = ChatRenderer(tok)
+        shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
+                 for m in renderer.with_tool_prompt(messages, tools)]
+        ids = renderer.opening_ids(shown, tools)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if ctx is not None and len(ids) + self.max_new_tokens > ctx:
+            ids = ids[:1] + ids[-(ctx - self.max_new_tokens - 1):]  # the user's own context: keep the latest turns
+        self.calls += 1
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out, cmask, _ = sample(model, x, torch.ones_like(x), max_new_tokens=self.max_new_tokens,
+                                   eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                                   greedy=self.temperature <= 0, temperature=max(self.temperature, 1e-5),
+                                   seeds=None if self.temperature <= 0 else [self.seed + self.calls])
+        text = tok.decode(out[0, : int(cmask[0].sum())].tolist(), skip_special_tokens=True).strip()
+        calls, _ = parse_tool_calls(text) if tools else ([], None)
+        return {"tool_calls": calls} if calls else {"content": text}
+
+
+@lru_cache(maxsize=2)
+def _load_user_model(name: str):
+    """Once per process: the user model, frozen, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stagewise.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(path)
+
+
+class EndpointUser:
+    """An OpenAI-compatible server: POST {url}/chat/completions (tools passed natively)."""
+
+    def __init__(self, url: str, model: str = "default", temperature: float = 0.0, max_tokens: int = 256,
+                 api_key: str | None = None, timeout_s: float = 120.0, retries: int = 3):
+        self.url = url.rstrip("/")
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.api_key, self.timeout_s, self.retries = api_key, timeout_s, retries
+
+    def session(self, system: str, tools: list[dict], task=None) -> ChatSession:
+        return ChatSession(self.complete, system, tools)
+
+    def complete(self, messages: list[dict], tools: list[dict]) -> dict:
+        # tool turns are shown as text: the user's own calls were recorded as JSON in its history
+        msgs = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"} for m in messages]
+        body = {"model": self.model, "messages": msgs, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        if tools:
+            body["tools"] = tools
+        req = urllib.request.Request(f"{self.url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
+        last = None
+        for attempt in range(self.retries):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                    msg = json.loads(r.read())["choices"][0]["message"]
+                calls = [{"name": c["function"]["name"], "arguments": _args(c["function"].get("arguments"))}
+                         for c in msg.get("tool_calls") or []]
+                return {"tool_calls": calls} if calls else {"content": msg.get("content") or ""}
+            except (urllib.error.URLError, TimeoutError, KeyError, IndexError, json.JSONDecodeError) as e:
+                last = e
+                time.sleep(min(2**attempt, 10))
+        raise TrainingError(f"user simulator endpoint {self.url}: no answer after {self.retries} tries ({last})")
+
+
+def _args(raw) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+register("user_simulator", "scripted")(ScriptedUser)
+register("user_simulator", "local")(LocalModelUser)
+register("user_simulator", "endpoint")(EndpointUser)
+
+
+def build_user_simulator(spec: dict | None, where: str):
+    """``{"kind": ..., **options}`` -> a simulator; bad kinds and options are one line naming ``where``."""
+    spec = dict(spec or {"kind": "local"})
+    kind = spec.pop("kind", "local")
+    try:
+        cls = lookup("user_simulator", kind)
+    except Exception as e:
+        raise ConfigError(f"{where}.kind: {e}") from None
+    try:
+        return cls(**spec)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -1,0 +1,103 @@
+"""Simulated users: an OpenAI-compatible endpoint (a real HTTP server in a thread), a local model,
+and the scripted user that carries out a task's user-side actions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from stagewise.envs.users import EndpointUser, LocalModelUser, ScriptedUser, build_user_simulator
+from stagewise.errors import ConfigError, TrainingError
+
+
+class FakeChatServer(BaseHTTPRequestHandler):
+    """Answers /v1/chat/completions: a tool call when tools are offered and the last message asks for
+    the status bar, else the number of messages it received; records every request body."""
+
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeChatServer.requests.append((self.path, body))
+        last = body["messages"][-1]["content"]
+        if body.get("tools") and "status bar" in last:
+            msg = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "x", "type": "function", "function": {"name": "check_status_bar", "arguments": "{}"}}]}
+        else:
+            msg = {"role": "assistant", "content": f"heard {len(body['messages'])} messages"}
+        out = json.dumps({"choices": [{"index": 0, "message": msg}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    FakeChatServer.requests = []
+    httpd = HTTPServer(("127.0.0.1", 0), FakeChatServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def test_endpoint_user_keeps_the_conversation_from_the_users_side(server):
+    tools = [{"type": "function", "function": {"name": "check_status_bar", "description": "d",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    session = EndpointUser(url=server, model="m").session(system="You are a customer.", tools=tools)
+    assert session.first_message("Hi! How can I help you today?") == "heard 2 messages"
+    turn = session.respond("Please check your status bar.")
+    assert turn == {"tool_calls": [{"name": "check_status_bar", "arguments": {}}]}
+    assert session.tool_results(["Status Bar: 5G"]) == {"content": "heard 6 messages"}
+    path, body = FakeChatServer.requests[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "m" and body["tools"] == tools
+    # roles flipped: the agent speaks as "user", the simulated customer as "assistant"
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert body["messages"][1]["content"] == "Hi! How can I help you today?"
+    assert body["messages"][-1]["content"] == "[tool result] Status Bar: 5G"
+
+
+def test_endpoint_that_does_not_answer_is_one_clear_error():
+    user = EndpointUser(url="http://127.0.0.1:9/v1", retries=2, timeout_s=2)
+    with pytest.raises(TrainingError, match=r"user simulator endpoint http://127.0.0.1:9/v1: no answer after 2 tries"):
+        user.session(system="s", tools=[]).first_message("hi")
+
+
+def test_scripted_user_carries_out_the_tasks_user_actions_then_stops():
+    act = lambda name, who: SimpleNamespace(name=name, arguments={"on": True}, requestor=who)  # noqa: E731
+    task = SimpleNamespace(id="t1", user_scenario=SimpleNamespace(instructions=SimpleNamespace(reason_for_call="No data.")),
+                           evaluation_criteria=SimpleNamespace(actions=[act("toggle_data", "user"), act("enable_roaming", "assistant"),
+                                                                        act("toggle_roaming", "user")]))
+    s = ScriptedUser(first="[{id}] {reason_for_call}").session(system="", tools=[], task=task)
+    assert s.first_message("Hi!") == "[t1] No data."
+    assert s.respond("Turn on data.") == {"tool_calls": [{"name": "toggle_data", "arguments": {"on": True}}]}
+    assert s.tool_results(["ok"]) == {"content": "Done."}
+    assert s.respond("Now roaming.") == {"tool_calls": [{"name": "toggle_roaming", "arguments": {"on": True}}]}
+    assert s.respond("Anything else?") == {"content": "###STOP###"}
+    fixed = ScriptedUser(replies=["My id is 7."], actions=False).session(system="", tools=[], task=task)
+    assert fixed.respond("Your id?") == {"content": "My id is 7."}
+    assert fixed.respond("Thanks.") == {"content": "###STOP###"}
+
+
+def test_local_model_user_answers_greedily_and_deterministically(tiny_chat_dir):
+    user = LocalModelUser(model=str(tiny_chat_dir), max_new_tokens=5)
+    a = user.session(system="You are a customer.", tools=[]).first_message("Hi! How can I help?")
+    b = user.session(system="You are a customer.", tools=[]).first_message("Hi! How can I help?")
+    assert isinstance(a, str) and a == b
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"kind": "oracle"}, r"u\.kind: unknown user_simulator 'oracle'"),
+    ({"kind": "endpoint"}, r"u: .*missing 1 required positional argument: 'url'"),
+])
+def test_bad_user_simulator_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build_user_simulator(spec, "u")

@@ -1,0 +1,48 @@
+"""Held-out evaluation with several sampled trials per task: pass^k as tau-bench defines it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stagewise.domains.base import Domain
+from stagewise.evaluation import evaluate_domain, pass_hat_k
+from stagewise.rl.episodes import EpisodeLimits
+from tests.plugins import AsciiChat
+
+
+def test_pass_hat_k_by_hand():
+    assert pass_hat_k(3, 4, 1) == 0.75
+    assert pass_hat_k(3, 4, 2) == 3 / 6  # C(3,2) / C(4,2)
+    assert pass_hat_k(3, 4, 3) == 1 / 4
+    assert pass_hat_k(3, 4, 4) == 0.0
+    assert pass_hat_k(4, 4, 4) == 1.0
+    assert math.isnan(pass_hat_k(1, 2, 3))
+
+
+class Ascii1(AsciiChat):
+    """Success = every character of the answer is ASCII (a random byte-level model: sometimes)."""
+
+    def reward(self):
+        text = self.answer or ""
+        return {"ascii": float(bool(text) and text.isascii())}
+
+
+def ascii_domain() -> Domain:
+    tasks = [{"prompt": f"Say {i}.", "turns": 1} for i in range(6)]
+    return Domain("ascii", tasks, tasks, rewards=[("ascii", 1.0)], metric="ascii", environment=Ascii1,
+                  reward_parts=("ascii",))
+
+
+def test_sampled_trials_give_pass_k_independent_of_batching(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=3, limits=EpisodeLimits(max_turns=1, max_tokens=3), trials=4, temperature=1.0, seed=5)
+    rate, samples, pass_k = evaluate_domain(model, tok, ascii_domain(), batch_size=8, **kw)
+    again = evaluate_domain(model, tok, ascii_domain(), batch_size=24, **kw)  # other batches, same seeds
+    assert (rate, pass_k) == (again[0], again[2])
+    assert sorted(pass_k) == [1, 2, 3, 4] and pass_k[1] == pytest.approx(rate)
+    assert pass_k[1] >= pass_k[2] >= pass_k[3] >= pass_k[4]
+    assert 0.0 < rate < 1.0, "the check needs some tasks that sometimes fail: change the seed"
+    greedy = evaluate_domain(model, tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
+    assert list(greedy[2]) == [1] and greedy[2][1] == greedy[0]
