@@ -141,3 +141,29 @@ def test_non_finite_logits_are_refused(tiny):
 
     with pytest.raises(TrainingError, match="non-finite logits"):
         sample(AllMinusInf(model), ids, mask, num_samples=1, seeds=[0], **kw)
+
+
+def test_long_prompts_prefilled_one_by_one_sample_as_the_padded_batch(monkeypatch):
+    """Prompts of 1,100 and 1,400 tokens: prefilled one at a time without padding (the default from
+    SPLIT_PREFILL_FROM tokens) or as one left-padded batch, the completions and their log-probs agree."""
+    import stagewise.rl.sampling as sampling
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    model = type(model)(model.config).eval()  # rotary tables for the longer context
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (1100, 1400)]
+    ids = torch.full((2, 1400), 258, dtype=torch.long)
+    mask = torch.zeros((2, 1400), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 1400 - len(p):], mask[i, 1400 - len(p):] = p, 1
+    kw = dict(max_new_tokens=8, eos_token_ids=[259], pad_token_id=258, num_samples=3, seeds=list(range(6)),
+              temperature=1.0, with_logprobs=True)
+    split = sample(model, ids, mask, **kw)
+    monkeypatch.setattr(sampling, "SPLIT_PREFILL_FROM", 10**9)
+    batched = sample(model, ids, mask, **kw)
+    assert torch.equal(split[0], batched[0]) and torch.equal(split[1], batched[1])
+    torch.testing.assert_close(split[3], batched[3], atol=1e-4, rtol=1e-4)
+    alone = sample(model, ids[1:], mask[1:], **{**kw, "seeds": list(range(3, 6))})  # N = 1: no padding at all
+    assert torch.equal(alone[0], split[0][3:, :alone[0].size(1)])
