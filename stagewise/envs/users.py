@@ -120,16 +120,17 @@ class LocalModelUser:
         from stagewise.rl.episodes import ChatRenderer
         from stagewise.rl.sampling import sample
 
-        model, tok = _load_user_model(self.name)
+        model, tok = _load_user_model(self.name, str(_device()))
         renderer = ChatRenderer(tok)
         shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
                  for m in renderer.with_tool_prompt(messages, tools)]
         ids = renderer.opening_ids(shown, tools)
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        if ctx is not None and len(ids) + self.max_new_tokens > ctx:
-            ids = ids[:1] + ids[-(ctx - self.max_new_tokens - 1):]  # the user's own context: keep the latest turns
+        ctx = getattr(model.config, "max_position_embeddings", None) or 10**9
+        while len(ids) + self.max_new_tokens > ctx and len(shown) > 2:
+            del shown[1]  # the user's own context is full: its instructions stay, its oldest turns go
+            ids = renderer.opening_ids(shown, tools)
         self.calls += 1
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         with torch.no_grad():
             out, cmask, _ = sample(model, x, torch.ones_like(x), max_new_tokens=self.max_new_tokens,
                                    eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
@@ -140,16 +141,25 @@ class LocalModelUser:
         return {"tool_calls": calls} if calls else {"content": text}
 
 
+def _device():
+    """This process's device when a run is under way (each rank's user on its own GPU), else the CPU."""
+    import torch
+    from accelerate.state import PartialState
+
+    return PartialState().device if PartialState._shared_state else torch.device("cpu")
+
+
 @lru_cache(maxsize=2)
-def _load_user_model(name: str):
-    """Once per process: the user model, frozen, in eval mode."""
+def _load_user_model(name: str, device: str):
+    """Once per process: the user model, frozen, in eval mode (bf16 on a GPU, fp32 on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from stagewise.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     return model, load_tokenizer(path)
 
