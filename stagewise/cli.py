@@ -216,8 +216,8 @@ def _rank_prefix() -> str:
 
 
 def _timed_out(e: BaseException) -> bool:
-    text = str(e)
-    return any(s in text for s in ("Timed out waiting", "timed out after", "Socket Timeout", "Timeout"))
+    text = str(e).lower()  # gloo: "Timed out waiting ...", c10d: "Socket Timeout", NCCL: "timed out after"
+    return "timed out" in text or "timeout" in text
 
 
 def _lost_peer(e: BaseException) -> bool:

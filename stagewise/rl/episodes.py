@@ -127,6 +127,16 @@ class ChatRenderer:
         return self.tok(done[end + len(stop_token):] + nxt[len(done):], add_special_tokens=False)["input_ids"]
 
 
+def check_fits(domain: str, task: dict, prompt: int, n_tools: int, context: int, more: int, setting: str) -> None:
+    """A prompt and what an episode may add after it (one completion for a single-turn task, the
+    episode's token budget for a multi-turn one) must fit the model's context: refused, never cut."""
+    if prompt + more > context:
+        which = f"task {task['id']}" if "id" in task else "a task"
+        raise ConfigError(f"domains.{domain}: the prompt of {which} is {prompt} tokens (with {n_tools} tool schemas) "
+                          f"and an episode may add {more} more ({setting}), but the model's context is {context} "
+                          f"tokens; use a model with a longer context or lower {setting} (prompts are never cut)")
+
+
 def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]], group_size: int,
                    context: int | None = None, room: int = 0, max_new: int = 0) -> list[Episode]:
     """G episodes per (domain, task), each with its own environment; the opening is rendered once per task.
@@ -141,14 +151,9 @@ def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]], 
                 schemas = env.tool_schemas()
                 opening = renderer.with_tool_prompt(env.opening(), schemas)
                 ids = renderer.opening_ids(opening, schemas)
-                # a single-turn task adds one completion; a multi-turn one up to the episode's token budget
-                more, what = (room if schemas else max_new), ("rollout.max_episode_tokens" if schemas else "max_new_tokens")
-                if context is not None and len(ids) + more > context:
-                    which = f"task {task['id']}" if "id" in task else "a task"
-                    raise ConfigError(
-                        f"domains.{dom.name}: the prompt of {which} is {len(ids)} tokens (with {len(schemas)} tool "
-                        f"schemas) and an episode may add {more} more ({what}), but the model's context is {context} "
-                        f"tokens; use a model with a longer context or lower {what} (prompts are never cut)")
+                if context is not None:
+                    check_fits(dom.name, task, len(ids), len(schemas), context, room if schemas else max_new,
+                               "rollout.max_episode_tokens" if schemas else "max_new_tokens")
                 first = (schemas, opening, ids)
             schemas, opening, ids = first
             eps.append(Episode(dom, task, env, ids, list(opening), schemas, list(opening)))
