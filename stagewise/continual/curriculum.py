@@ -32,6 +32,7 @@ from stagewise.errors import ConfigError, StagewiseError
 from stagewise.evaluation import evaluate_domain, held_out_loss
 from stagewise.parallel.stop import StopRequest, stopped_by
 from stagewise.rl.episodes import EpisodeLimits
+from stagewise.envs.users import set_policy_weights
 from stagewise.models import load_model, load_model_config, load_tokenizer, replicated_init, resolve_model_path
 from stagewise.continual.metrics import continual_metrics, loss_metrics
 from stagewise.parallel import runtime
@@ -250,6 +251,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
 
     def evaluate(path: str, key: str, label: str, step: int) -> None:
         faults.maybe_kill("eval", stage=int(key), rank=dist_state.process_index)
+        set_policy_weights(prev_path)  # a `model: policy` customer: the evaluated stage's starting weights
         state["rows"][key], state["loss_rows"][key], samples[label] = evaluate_row(
             dist_state, cfg, tok, path, domains, tracker, label if key == "0" else f"after {label}", step)
         if dist_state.is_main_process:
@@ -258,9 +260,9 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
 
     offset = 0
     samples = state.get("samples", {})
+    prev_path = base_path
     if cfg.eval.before_first_stage and "0" not in state["rows"]:
         evaluate(base_path, "0", "base", 0)
-    prev_path = base_path
     stopped = False
     for i, st in enumerate(cfg.stages):
         sdir = stage_dir(cfg, i)
@@ -271,6 +273,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
             if stop_after is not None and offset >= stop_after:
                 stopped = True
                 break
+            set_policy_weights(prev_path)
             gc = cfg.stage_part(i, "grpo")
             ref_path = None if gc.beta == 0 else (base_path if gc.reference == "base" else prev_path)
             replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in st.domains]

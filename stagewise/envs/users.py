@@ -8,7 +8,9 @@
 
 Kinds:
     local     a Hugging Face model in this process (a path, a hub id in the local cache, or
-              ``bundled:...``), greedy by default: the same user for every run
+              ``bundled:...``), greedy by default: the same user for every run; ``model: policy``
+              is a frozen copy of the weights the current stage started from (its evaluation
+              after the stage too), so the customer is as capable as the agent was
     endpoint  an OpenAI-compatible chat-completions server (a local vLLM or llama.cpp server) by URL
     scripted  no model: for tests and oracles. Opens with ``first`` (a format string with {id} and
               {reason_for_call}; default: the task's reason for the call), then performs the task's expected user-side actions one per agent message
@@ -103,6 +105,15 @@ class ScriptedSession:
         return {"content": "Done."}
 
 
+POLICY = "policy"
+_policy_weights: list[str] = []  # the current stage's starting weights (set by the curriculum)
+
+
+def set_policy_weights(path: str) -> None:
+    """Where ``model: policy`` users load from from now on: the weights the current stage started from."""
+    _policy_weights[:] = [path]
+
+
 class LocalModelUser:
     """A causal LM in this process; sessions generate with our sampler (greedy unless temperature > 0)."""
 
@@ -120,7 +131,14 @@ class LocalModelUser:
         from stagewise.rl.episodes import ChatRenderer
         from stagewise.rl.sampling import sample
 
-        model, tok = _load_user_model(self.name, str(_device()))
+        if self.name == POLICY:
+            if not _policy_weights:
+                raise ConfigError("user simulator model 'policy' is the stage's starting policy and exists only "
+                                  "inside a run; give a model path or bundled:... here")
+            name = _policy_weights[0]
+        else:
+            name = self.name
+        model, tok = _load_user_model(name, str(_device()))
         renderer = ChatRenderer(tok)
         shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
                  for m in renderer.with_tool_prompt(messages, tools)]

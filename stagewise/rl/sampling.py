@@ -60,39 +60,68 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
 
 
-SPLIT_PREFILL_FROM = 1024  # padded prompt length from which distinct prompts are prefilled one by one
+SPLIT_PREFILL_FROM = 1024  # padded prompt length from which prompts are prefilled one by one, in blocks
+PREFILL_BLOCK = 512  # tokens per prefill block; prompts equal up to a block boundary share those blocks
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common prefix of two 1-D token tensors."""
+    n = min(a.numel(), b.numel())
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
 
 
 def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, lockstep: bool):
     """KV cache and last-position logits (N, V) of left-padded prompts (N, P).
 
-    Long prompts of different lengths (multi-turn episodes: thousands of tokens each) are prefilled
-    one at a time without padding, and their caches left-padded into one: with a padding mask,
-    attention runs SDPA's math path and materialises a (P x P) mask per head and row, which made
-    a batch of 5k-token prompts ~10x slower on CPU than unpadded prefills. Under lockstep (ZeRO-3 /
-    FSDP) every rank must run the same forward passes, so the batch is prefilled at once there.
+    Long prompts (multi-turn episodes: thousands of tokens each) are prefilled one at a time,
+    without padding, in blocks of PREFILL_BLOCK tokens at fixed offsets, and their caches
+    left-padded into one. Two reasons:
+    - with a padding mask, attention runs SDPA's math path and materialises a (P x P) mask per
+      head and row: a batch of 5k-token prompts was ~10x slower on CPU than unpadded prefills;
+    - prompts that agree up to a block boundary (the tau2 policy and tool schemas, ~5k tokens,
+      in every episode of a domain; a group's conversation up to where it diverged) compute
+      those blocks once: in sorted order, a prompt starts from its predecessor's cache, cut at
+      the last block boundary they share (the role of vLLM's prefix caching).
+    A prompt's numbers depend only on its own tokens (same blocks whichever prompts share them),
+    so completions stay independent of batch composition. Under lockstep (ZeRO-3 / FSDP) every
+    rank must run the same forward passes, so the batch is prefilled at once there.
     """
     from transformers import DynamicCache
 
     N, P = prompt_ids.shape
-    lengths = mask.sum(-1)
-    if lockstep or N == 1 or P < SPLIT_PREFILL_FROM or bool((lengths == P).all()):
+    if lockstep or P < SPLIT_PREFILL_FROM:
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.past_key_values, out.logits[:, -1, :].float()
-    caches, logits = [], []
-    for i in range(N):
-        n = int(lengths[i])
-        out = model(input_ids=prompt_ids[i:i + 1, P - n:], use_cache=True, logits_to_keep=1)
-        caches.append(out.past_key_values)
-        logits.append(out.logits[:, -1, :].float())
-    layers = [getattr(c, "layers", None) for c in caches]
-    if not all(ls and all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in ls)
-               for ls in layers):  # a cache we cannot pad (sliding windows, ...): the batched way
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1, :].float()
+    lengths = mask.sum(-1).tolist()
+    rows = [prompt_ids[i, P - lengths[i]:] for i in range(N)]
+    order = sorted(range(N), key=lambda i: rows[i].tolist())
+    layers: list = [None] * N
+    logits: list = [None] * N
+    previous = None
+    for i in order:
+        n, start, cache = lengths[i], 0, None
+        if previous is not None:
+            start = min(common_prefix(rows[previous], rows[i]), n - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+            if start:
+                cache = DynamicCache()
+                for li, layer in enumerate(layers[previous]):
+                    cache.update(layer.keys[:, :, :start], layer.values[:, :, :start], li)
+        for s in range(start, n, PREFILL_BLOCK):
+            e = min(s + PREFILL_BLOCK, n)
+            out = model(input_ids=rows[i][None, s:e], position_ids=torch.arange(s, e, device=prompt_ids.device)[None],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+        ls = getattr(cache, "layers", None)
+        if not ls or not all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in ls):
+            # a cache we cannot cut or pad (sliding windows, ...): the batched way
+            out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+            return out.past_key_values, out.logits[:, -1, :].float()
+        layers[i], logits[i], previous = ls, out.logits[:, -1, :].float(), i
     cache = DynamicCache()
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, P - t.size(2), 0))  # noqa: E731  (zeros, masked out)
     for li in range(len(layers[0])):
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, P - t.size(2), 0))  # noqa: E731  (zeros, masked out)
         cache.update(torch.cat([pad(ls[li].keys) for ls in layers]), torch.cat([pad(ls[li].values) for ls in layers]), li)
     return cache, torch.cat(logits)
 

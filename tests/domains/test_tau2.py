@@ -220,8 +220,8 @@ def test_tiny_model_runs_the_three_domain_tau2_curriculum(tmp_path, tiny_tau2_mo
     raw.update(output_dir=str(tmp_path / "run"), model={"name_or_path": str(tiny_tau2_model)})
     for d in raw["domains"]:
         d.update(eval_size=2, train_size=3)
-        if d["type"] != "tau2_telecom":
-            d["args"] = {"user": user}
+        if d["type"] != "tau2_telecom":  # airline's customer: a frozen copy of the stage's starting policy
+            d["args"] = {"user": {**user, "model": "policy"} if d["type"] == "tau2_airline" else user}
     raw["rollout"].update(prompts_per_step=1, num_generations=2, max_new_tokens=8, max_turns=2, max_episode_tokens=64)
     raw["grpo"]["micro_batch_size"] = 2
     raw["eval"] = {"max_new_tokens": 8, "batch_size": 4}

@@ -94,6 +94,30 @@ def test_local_model_user_answers_greedily_and_deterministically(tiny_chat_dir):
     assert isinstance(a, str) and a == b
 
 
+def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_dir, monkeypatch):
+    """``model: policy`` answers as whatever weights the curriculum says the stage started from."""
+    import stagewise.envs.users as users
+    from tests.conftest import CHATML_TEMPLATE, make_tiny_dir
+
+    other = make_tiny_dir(tmp_path / "other", seed=7, template=CHATML_TEMPLATE)
+    monkeypatch.setattr(users, "_policy_weights", [])
+    loaded = []
+    real = users._load_user_model
+    monkeypatch.setattr(users, "_load_user_model", lambda name, device: loaded.append(name) or real(name, device))
+
+    def first(user):
+        return user.session(system="You are a customer.", tools=[]).first_message("Hi! How can I help?")
+
+    policy = LocalModelUser(model="policy", max_new_tokens=5)
+    with pytest.raises(ConfigError, match="exists only inside a run"):
+        first(policy)
+    users.set_policy_weights(str(tiny_chat_dir))
+    assert first(policy) == first(LocalModelUser(model=str(tiny_chat_dir), max_new_tokens=5))
+    users.set_policy_weights(str(other))
+    first(policy)
+    assert loaded == [str(tiny_chat_dir), str(tiny_chat_dir), str(other)]
+
+
 @pytest.mark.parametrize("spec,message", [
     ({"kind": "oracle"}, r"u\.kind: unknown user_simulator 'oracle'"),
     ({"kind": "endpoint"}, r"u: .*missing 1 required positional argument: 'url'"),

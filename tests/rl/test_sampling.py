@@ -167,3 +167,53 @@ def test_long_prompts_prefilled_one_by_one_sample_as_the_padded_batch(monkeypatc
     torch.testing.assert_close(split[3], batched[3], atol=1e-4, rtol=1e-4)
     alone = sample(model, ids[1:], mask[1:], **{**kw, "seeds": list(range(3, 6))})  # N = 1: no padding at all
     assert torch.equal(alone[0], split[0][3:, :alone[0].size(1)])
+
+
+def test_prompts_sharing_a_long_prefix_compute_its_blocks_once_and_sample_as_alone():
+    """Three 1,300-1,500-token prompts equal for their first 1,100 tokens (tau2's policy and tools
+    in every episode): the two whole blocks they share (2 x PREFILL_BLOCK) are computed once, each
+    prompt's prefill logits are bit for bit those it gets on its own, and so are its completions."""
+    import stagewise.rl.sampling as sampling
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    model = type(model)(model.config).eval()
+
+    class Counting(torch.nn.Module):  # counts the prompt tokens run through the model
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.tokens = m, 0
+
+        def forward(self, input_ids, **k):
+            self.tokens += input_ids.numel() if k.get("past_key_values") is None or input_ids.size(1) > 1 else 0
+            return self.m(input_ids=input_ids, **k)
+
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 256, (1100,), generator=g)
+    prompts = [torch.cat([shared, torch.randint(0, 256, (n - 1100,), generator=g)]) for n in (1500, 1300, 1400)]
+    ids = torch.full((3, 1500), 258, dtype=torch.long)
+    mask = torch.zeros((3, 1500), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 1500 - len(p):], mask[i, 1500 - len(p):] = p, 1
+    kw = dict(max_new_tokens=6, eos_token_ids=[259], pad_token_id=258, num_samples=2, temperature=1.0,
+              with_logprobs=True)
+    counting = Counting(model)
+    together = sample(counting, ids, mask, seeds=list(range(6)), **kw)
+    block = sampling.PREFILL_BLOCK
+    assert block == 512
+    # sorted order: the first prompt is prefilled whole, the other two from the shared 1,024th token on
+    first = min(range(3), key=lambda i: prompts[i].tolist())
+    assert counting.tokens == len(prompts[first]) + sum(len(p) - 2 * block for i, p in enumerate(prompts) if i != first)
+    for i, p in enumerate(prompts):
+        alone = sample(model, p[None], torch.ones_like(p)[None], seeds=[2 * i, 2 * i + 1], **kw)
+        width = alone[0].size(1)
+        assert torch.equal(alone[0], together[0][2 * i: 2 * i + 2, :width])
+        # decoding a padded batch differs from decoding alone only in rounding
+        torch.testing.assert_close(alone[3], together[3][2 * i: 2 * i + 2, :width], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        _, logits = sampling.prefill(model, ids, mask, sampling.position_ids_from_mask(mask), lockstep=False)
+        for i, p in enumerate(prompts):
+            _, own = sampling.prefill(model, p[None], torch.ones_like(p)[None],
+                                      torch.arange(len(p))[None], lockstep=False)
+            assert torch.equal(own[0], logits[i])
