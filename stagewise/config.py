@@ -58,6 +58,16 @@ class OptimConfig(_Part):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine/linear decay to lr * min_lr_ratio
 
 
+class VLLMOptions(_Part):
+    """rollout.vllm: the colocated vLLM engine (rollout.engine: vllm)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int | None = Field(None, gt=0)  # None: the model's max_position_embeddings
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # GPU: share vLLM may take (training has the rest)
+    sleep: bool = True  # GPU: free vLLM's KV cache and weights while training runs
+    kv_cache_gib: float = Field(1.0, gt=0)  # CPU: KV-cache space per process (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = True  # no CUDA graphs / compilation: faster start, slower decode
+
+
 class RolloutConfig(_Part):
     prompts_per_step: int = Field(4, gt=0)  # global number of groups per optimizer step
     # G, completions per prompt: group advantages need at least two (the std of one sample is NaN)
@@ -67,8 +77,9 @@ class RolloutConfig(_Part):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
     mask_truncated_completions: bool = False
-    # Which engine generates (registry "rollout_engine": local = our KV-cache sampler)
+    # Which engine generates (registry "rollout_engine": local = our KV-cache sampler, vllm)
     engine: str = "local"
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     # Weights the local engine samples with: "policy" decodes with the training module itself;
     # "bf16_copy" a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
     weights: Literal["auto", "policy", "bf16_copy"] = "auto"
@@ -99,6 +110,9 @@ class GRPOConfig(_Part):
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
     # run a group's shared prompt once per micro-batch (needs micro_batch_size % G == 0)
     shared_prompt: bool = True
+    # engines that report log-probs (vllm): weight each token's loss by min(pi_trainer / pi_engine,
+    # tis_cap), the truncated importance-sampling correction of the engine/trainer mismatch; None: off
+    tis_cap: float | None = Field(None, gt=0)
 
 
 class SFTConfig(_Part):

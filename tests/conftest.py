@@ -35,21 +35,22 @@ def build_tokenizer(template: str = CHAT_TEMPLATE):
     return tok
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0):
+def build_tiny_model(vocab_size: int, seed: int = 0, heads: int = 4):
+    """heads=1: one 64-wide head (vLLM's CPU attention has no kernel for 16-wide heads)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=heads, num_key_value_heads=min(heads, 2), max_position_embeddings=512,
                       tie_word_embeddings=True, pad_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                       bos_token_id=None)
     return LlamaForCausalLM(cfg)
 
 
-def make_tiny_dir(path: Path, seed: int = 0, template: str = CHAT_TEMPLATE) -> Path:
+def make_tiny_dir(path: Path, seed: int = 0, template: str = CHAT_TEMPLATE, heads: int = 4) -> Path:
     tok = build_tokenizer(template)
-    model = build_tiny_model(len(tok), seed)
+    model = build_tiny_model(len(tok), seed, heads)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

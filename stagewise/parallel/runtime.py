@@ -47,7 +47,7 @@ def _free_port() -> int:
 _saved_env: dict[str, str | None] = {}  # variables a run changed, put back by end_run
 
 
-def _set_env(key: str, value: str | None) -> None:
+def set_env(key: str, value: str | None) -> None:
     """Change an environment variable for the duration of the run (end_run restores it), so a later
     run in the same Python process, or a launcher it starts, never inherits it."""
     _saved_env.setdefault(key, os.environ.get(key))
@@ -64,7 +64,7 @@ def _ensure_process_group_env() -> None:
         return
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
-        _set_env(k, v)
+        set_env(k, v)
 
 
 def _restore_env() -> None:
@@ -151,11 +151,19 @@ def start_run(dist: DistConfig):
     if dist.strategy == "fsdp":
         # we shard with fully_shard ourselves (parallel/fsdp.py): keep accelerate's own FSDP plugin
         # off, or on GPU it would wrap the model a second time
-        _set_env("ACCELERATE_USE_FSDP", None)
+        set_env("ACCELERATE_USE_FSDP", None)
     if dist.strategy.startswith("zero"):
-        _set_env("ACCELERATE_USE_DEEPSPEED", "true")
+        set_env("ACCELERATE_USE_DEEPSPEED", "true")
         return PartialState(backend="gloo", timeout=timeout) if cpu else PartialState(timeout=timeout)
     return PartialState(cpu=cpu, timeout=timeout)
+
+
+_end_hooks: list = []  # called by end_run before the process group is left (e.g. vLLM's shutdown)
+
+
+def on_end(fn) -> None:
+    """Call ``fn()`` when this run ends, on this rank, before it leaves the process group."""
+    _end_hooks.append(fn)
 
 
 _watching_launcher = False
@@ -237,7 +245,7 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
                 dsc.write_config(ds, stage_dir, dist.strategy)
         # A launch profile's DeepSpeed fields were read by resolve_strategy (stage, offload); the
         # JSON above is complete, so tell accelerate not to expect them from the profile.
-        _set_env("ACCELERATE_CONFIG_DS_FIELDS", None)
+        set_env("ACCELERATE_CONFIG_DS_FIELDS", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         return Accelerator(deepspeed_plugin=plugin, mixed_precision=dist.mixed_precision, **common)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=False)]
@@ -287,6 +295,11 @@ def end_run(tracker, ok: bool) -> None:
         if ok:
             barrier()
     finally:
+        while _end_hooks:
+            try:
+                _end_hooks.pop()()
+            except Exception as e:  # noqa: BLE001  (a failing hook must not keep the rank in the group)
+                print(f"[stagewise] at the end of the run: {type(e).__name__}: {e}", flush=True)
         if td.is_available() and td.is_initialized():
             td.destroy_process_group()
         _forget_deepspeed_groups()

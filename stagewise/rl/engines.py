@@ -7,8 +7,9 @@
 An engine is token-in / token-out: episodes are extended turn by turn as token sequences and are
 never re-tokenised from text, so the tokens trained on are exactly those sampled. Every engine
 must honour one seed per completion (same completions for any batch composition, any number of
-processes, and across resume) and stop at the given token ids. ``local`` is our KV-cache sampler;
-a vLLM engine implements the same ``generate``.
+processes, and across resume) and stop at the given token ids. ``local`` is our KV-cache sampler,
+built each step around the current weights; ``vllm`` (rl/vllm_engine.py) lives for the run and has
+the current weights pushed into it before each step (a class with ``before_rollout``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SamplingParams:
 class Generation:
     tokens: list[list[int]]  # per completion, up to and including the stop token when one was hit
     finished: list[bool]  # hit a stop token within max_new_tokens
+    # per completion, the log-probability of each sampled token under the distribution it was drawn
+    # from (engines that report it: vLLM); None otherwise
+    logprobs: list[list[float]] | None = None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

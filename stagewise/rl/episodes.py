@@ -44,6 +44,7 @@ class Episode:
     opening: list = field(default_factory=list)  # the messages before the policy's first turn
     tokens: list[int] = field(default_factory=list)
     policy: list[int] = field(default_factory=list)
+    engine_logp: list[float] | None = None  # per token: the engine's log-prob of policy tokens, 0 elsewhere
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -181,8 +182,9 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
             prompts, n = [eps[i].prompt + eps[i].tokens for i in active], 1
         turn_seeds = None if params.greedy else [turn_seed(seeds[i], turn) for i in active]
         gen = engine.generate(prompts, n=n, seeds=turn_seeds, params=params)
-        for i, toks, finished in zip(active, gen.tokens, gen.finished):
-            take_turn(eps[i], toks, finished, tokenizer, renderer, limits)
+        logps = gen.logprobs or [None] * len(active)
+        for i, toks, finished, lp in zip(active, gen.tokens, gen.finished, logps):
+            take_turn(eps[i], toks, finished, tokenizer, renderer, limits, lp)
     for e in eps:
         if not e.ended:  # out of turns while the policy was still calling tools
             e.truncated = True
@@ -192,9 +194,12 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
 
 
 def take_turn(e: Episode, toks: list[int], finished: bool, tokenizer, renderer: ChatRenderer,
-              limits: EpisodeLimits) -> None:
-    """Append the policy's turn, act on it, and append what the environment answers."""
+              limits: EpisodeLimits, logprobs: list[float] | None = None) -> None:
+    """Append the policy's turn, act on it, and append what the environment answers.
+    logprobs: the engine's log-probs of ``toks``, when it reports them."""
     room = limits.max_tokens - len(e.tokens)
+    if logprobs is not None:
+        e.engine_logp = (e.engine_logp if e.engine_logp is not None else [0.0] * len(e.tokens)) + list(logprobs[:room])
     e.turns += 1
     e.tokens += toks[:room]
     e.policy += [1] * len(toks[:room])
@@ -236,3 +241,5 @@ def take_turn(e: Episode, toks: list[int], finished: bool, tokenizer, renderer: 
         return
     e.tokens += ids
     e.policy += [0] * len(ids)
+    if e.engine_logp is not None:
+        e.engine_logp += [0.0] * len(ids)

@@ -41,7 +41,8 @@ from stagewise.rl import advantages as _adv  # noqa: F401  (registers advantages
 from stagewise.rl import losses as _losses  # noqa: F401  (registers loss aggregations)
 from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from stagewise.rl.advantages import zero_variance_groups
-from stagewise.rl.losses import masked_sum, per_token_loss
+from stagewise.rl.losses import engine_mismatch, masked_sum, per_token_loss
+from stagewise.rl import vllm_engine  # noqa: F401  (registers rollout.engine: vllm)
 from stagewise.rl.engines import SamplingParams
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.prompts import eos_ids
@@ -184,6 +185,12 @@ def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:
         raise ConfigError(f"stages.{i}: grpo.micro_batch_size={gc.micro_batch_size} must divide the "
                           f"{rows} completions each process trains on per step")
     runtime.check_deepspeed_json(cfg.dist, world, gc.micro_batch_size, rows // gc.micro_batch_size)
+    if ro.engine == "vllm":
+        where = f"stages.{i}.rollout.engine" if cfg.stages[i].rollout else "rollout.engine"
+        if cfg.dist.strategy in vllm_engine.UNSUPPORTED:
+            raise ConfigError(f"{where}: vllm does not support dist.strategy={cfg.dist.strategy} yet (sharded "
+                              f"weights would need a per-module gathered push); use zero2 or ddp, or engine: local")
+        vllm_engine.require_vllm()
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -234,12 +241,16 @@ def train_grpo_stage(job: StageJob) -> dict:
         load_checkpoint(engine, ckpt, job.counters)
         print0(f"[stagewise] stage {job.index + 1}: resumed from {ckpt} (step {counters.step}/{total_steps})")
     log_stage_start(engine, job)
-    weights = RolloutWeights(engine, ro.weights, cfg.dist.mixed_precision)
+    engine_cls = lookup("rollout_engine", ro.engine)
+    # an engine that lives for the run (vllm) and is handed the current weights before each rollout;
+    # otherwise (local) one is built each step around the weights to sample with
+    persistent = engine_cls(job.init_path, engine, ro.vllm, cfg.seed, acc.device) \
+        if hasattr(engine_cls, "before_rollout") else None
+    weights = RolloutWeights(engine, ro.weights, cfg.dist.mixed_precision) if persistent is None else None
     params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                             top_k=ro.top_k, stop_token_ids=tuple(eos_ids(tok)))
     limits = EpisodeLimits(max_turns=ro.max_turns, max_tokens=ro.max_episode_tokens,
                            max_tool_errors=ro.max_tool_errors)
-    make_engine = lookup("rollout_engine", ro.engine)
     multi_turn = any(d.environment is not None for d in job.domains + job.replay_domains)
     # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
     policy_budget = min(ro.max_turns * ro.max_new_tokens, ro.max_episode_tokens) if multi_turn else ro.max_new_tokens
@@ -260,10 +271,17 @@ def train_grpo_stage(job: StageJob) -> dict:
         mine = examples[rank * groups_local:(rank + 1) * groups_local]
         seeds = completion_seeds(cfg.seed, job.index, step, rank * rows_local, rows_local)
         model.eval()
-        with weights.sampling_model() as sampler:
-            batch = generate_rollouts(make_engine(sampler, tok, device=acc.device, all_done=all_done), tok, mine,
-                                      num_generations=G, params=params, limits=limits, seeds=seeds,
-                                      device=acc.device, all_done=all_done)
+        rollout_kw = dict(num_generations=G, params=params, limits=limits, seeds=seeds, device=acc.device,
+                          all_done=all_done)
+        if persistent is None:
+            with weights.sampling_model() as sampler:
+                batch = generate_rollouts(engine_cls(sampler, tok, device=acc.device, all_done=all_done), tok, mine,
+                                          **rollout_kw)
+        else:
+            try:
+                batch = generate_rollouts(persistent.before_rollout(), tok, mine, **rollout_kw)
+            finally:
+                persistent.after_rollout()
         model.train()
         t_gen = time.time() - t_start
 
@@ -300,7 +318,7 @@ def train_grpo_stage(job: StageJob) -> dict:
 
         # 4. optimise: num_iterations passes, each = gas micro-batches = one optimizer step
         t_train = time.time()
-        sums = torch.zeros(5, device=acc.device)  # loss, clipped, kl, entropy, tokens
+        sums = torch.zeros(7, device=acc.device)  # loss, clipped, kl, entropy, tokens, |engine - trainer|, TIS weight
         skipped, grad_norm = 0, float("nan")
         for it in range(gc.num_iterations):
             for k, s in enumerate(range(0, rows_local, gc.micro_batch_size)):
@@ -313,6 +331,10 @@ def train_grpo_stage(job: StageJob) -> dict:
                     tok_loss, st = per_token_loss(logp, mb.old_logp, mb.advantages, epsilon_low=gc.epsilon,
                                                   epsilon_high=eps_high, beta=gc.beta, ref_logp=mb.ref_logp,
                                                   mask=mb.loss_mask, kl_ratio_weighted=gc.kl_ratio_weighted)
+                    if mb.engine_logp is not None:  # sampled by another engine (vllm): measure, maybe correct
+                        tis, gap = engine_mismatch(logp if mb.old_logp is None else mb.old_logp, mb.engine_logp,
+                                                   mb.loss_mask, gc.tis_cap)
+                        tok_loss = tok_loss * tis
                     loss = aggregate(tok_loss, mb.loss_mask, num_sequences=n_seq, num_tokens=n_tok,
                                      num_rows=ro.prompts_per_step * G, max_len=policy_budget)
                     if faults.active("nan_loss", **where):
@@ -323,7 +345,10 @@ def train_grpo_stage(job: StageJob) -> dict:
                 m = mb.loss_mask
                 sums += torch.stack([loss.detach().float() / gc.num_iterations, masked_sum(st["clipped"], m),
                                      masked_sum(st["kl"], m) if "kl" in st else torch.zeros((), device=m.device),
-                                     masked_sum(ent, m), m.sum()]).to(sums.device)
+                                     masked_sum(ent, m), m.sum(),
+                                     masked_sum(gap, m) if mb.engine_logp is not None else torch.zeros((), device=m.device),
+                                     masked_sum(tis, m) if mb.engine_logp is not None else torch.zeros((), device=m.device),
+                                     ]).to(sums.device)
             info = engine.step()
             scheduler.step()
             grad_norm = info["grad_norm"]
@@ -368,6 +393,10 @@ def train_grpo_stage(job: StageJob) -> dict:
             "tokens_per_s": gen_tokens / step_time, "completions_per_s": all_rewards.numel() / step_time,
             "peak_memory_mb": peak.mb,
         }
+        if batch.engine_logp is not None:  # how far the engine's numbers are from the trainer's
+            metrics.update({"engine/logp_abs_diff": red[5].item() / max(red[4].item(), 1),
+                            "engine/tis_weight": red[6].item() / max(red[4].item(), 1),
+                            **({"weight_push_time": persistent.push_seconds} if persistent else {})})
         if "dtype" in probe and not probe.get("logged"):  # once per stage: what the training forward computes in
             metrics["train_compute_dtype"] = str(probe["dtype"]).removeprefix("torch.")
             probe["logged"] = True

