@@ -187,9 +187,10 @@ def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:
     runtime.check_deepspeed_json(cfg.dist, world, gc.micro_batch_size, rows // gc.micro_batch_size)
     if ro.engine == "vllm":
         where = f"stages.{i}.rollout.engine" if cfg.stages[i].rollout else "rollout.engine"
-        if cfg.dist.strategy in vllm_engine.UNSUPPORTED:
-            raise ConfigError(f"{where}: vllm does not support dist.strategy={cfg.dist.strategy} yet (sharded "
-                              f"weights would need a per-module gathered push); use zero2 or ddp, or engine: local")
+        if cfg.dist.strategy in vllm_engine.SHARDED and cfg.model.lora is not None:
+            raise ConfigError(f"{where}: vllm does not support LoRA under dist.strategy={cfg.dist.strategy} yet "
+                              f"(the adapters would have to be gathered and merged per module); use zero2 or ddp, "
+                              f"or engine: local")
         vllm_engine.require_vllm()
 
 

