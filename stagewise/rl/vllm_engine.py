@@ -42,6 +42,10 @@ _engine: list = []  # this process's engine, kept across stages (see the module 
 
 
 def require_vllm() -> None:
+    from stagewise.parallel import runtime
+
+    # vLLM configures its logging when first imported: quiet unless the user asked otherwise
+    runtime.set_env("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or a broken install (torchvision operators, ...)
@@ -57,7 +61,6 @@ class VLLMEngine:
         require_vllm()
         # in-process engine core: the weights are pushed by reference, no IPC
         runtime.set_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        runtime.set_env("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
         on_gpu = device.type == "cuda"
         if not on_gpu:
             runtime.set_env("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}"))
