@@ -10,11 +10,13 @@ is the hook through which ranks agree to stop (the role of ``synced_gpus`` in ``
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
 from stagewise.errors import TrainingError
+from stagewise.rl import shared_prefix
 
 
 def check_logits(logits: torch.Tensor, step: int) -> None:
@@ -71,7 +73,8 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if differ.numel() else n
 
 
-def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, lockstep: bool):
+def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, lockstep: bool,
+            room: int | None = None):
     """KV cache and last-position logits (N, V) of left-padded prompts (N, P).
 
     Long prompts (multi-turn episodes: thousands of tokens each) are prefilled one at a time,
@@ -86,6 +89,10 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     A prompt's numbers depend only on its own tokens (same blocks whichever prompts share them),
     so completions stay independent of batch composition. Under lockstep (ZeRO-3 / FSDP) every
     rank must run the same forward passes, so the batch is prefilled at once there.
+
+    room: the decode steps to come. Given it (and plain softmax attention), long prompts return a
+    ``SharedPrefixCache``: the prefix that sorted neighbours share in whole blocks (or a lone prompt
+    whole) is kept once for all the rows reading it, the rest of each prompt in its row's tail.
     """
     from transformers import DynamicCache
 
@@ -98,6 +105,7 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     order = sorted(range(N), key=lambda i: rows[i].tolist())
     layers: list = [None] * N
     logits: list = [None] * N
+    starts = [0] * N  # tokens (whole blocks) prompt i shares with its sorted predecessor
     previous = None
     for i in order:
         n, start, cache = lengths[i], 0, None
@@ -118,12 +126,34 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
             out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
             return out.past_key_values, out.logits[:, -1, :].float()
-        layers[i], logits[i], previous = ls, out.logits[:, -1, :].float(), i
+        layers[i], logits[i], previous, starts[i] = ls, out.logits[:, -1, :].float(), i, start
+    if room is not None and shared_prefix.supported(model):
+        return shared_cache(layers, order, starts, lengths, room), torch.cat(logits)
     cache = DynamicCache()
     pad = lambda t: torch.nn.functional.pad(t, (0, 0, P - t.size(2), 0))  # noqa: E731  (zeros, masked out)
     for li in range(len(layers[0])):
         cache.update(torch.cat([pad(ls[li].keys) for ls in layers]), torch.cat([pad(ls[li].values) for ls in layers]), li)
     return cache, torch.cat(logits)
+
+
+
+def shared_cache(layers: list, order: list[int], starts: list[int], lengths: list[int], room: int):
+    """Per-prompt prefill caches -> one SharedPrefixCache. Runs of sorted prompts that share whole blocks
+    share one segment: the blocks common to the whole run (its owner's cache, cut there); a prompt that
+    shares no block with its neighbours is its own segment, whole."""
+    runs: list[list[int]] = []
+    for i in order:
+        if starts[i] and runs:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    prefix_of: list = [None] * len(order)
+    for run in runs:
+        shared = min(starts[i] for i in run[1:]) if len(run) > 1 else lengths[run[0]]
+        for i in run:
+            prefix_of[i] = (run[0], shared)
+    caches = [[(layer.keys, layer.values) for layer in ls] for ls in layers]
+    return shared_prefix.SharedPrefixCache.from_prompts(caches, prefix_of, room)
 
 
 @torch.no_grad()
@@ -143,7 +173,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     distribution they were drawn from (temperature and top-k/top-p applied; 0 after the end).
 
     Speed: each distinct prompt is prefilled once and its KV cache repeated num_samples times
-    (GRPO groups share their prompt), and rows that reached EOS leave the batch.
+    (GRPO groups share their prompt), and rows that reached EOS leave the batch. Long prompts
+    (from SPLIT_PREFILL_FROM tokens) keep what rows share once, not once per row (``shared_prefix``).
     """
     N, device = prompt_ids.size(0), prompt_ids.device
     B = N * num_samples
@@ -154,7 +185,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     eos = torch.tensor(eos_token_ids, device=device)
     mask = prompt_mask.long()
     positions = position_ids_from_mask(mask)
-    past, logits = prefill(model, prompt_ids, mask, positions, lockstep=all_done is not None)
+    past, logits = prefill(model, prompt_ids, mask, positions, lockstep=all_done is not None, room=max_new_tokens)
+    shared = isinstance(past, shared_prefix.SharedPrefixCache)  # long prompts: shared prefixes read once
     next_pos = positions[:, -1:] + 1
     if num_samples > 1:
         past.batch_repeat_interleave(num_samples)
@@ -165,39 +197,41 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     token_logp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device) if with_logprobs else None
     active = torch.arange(B, device=device)  # rows of the full batch still decoding (= cache rows)
-    for t in range(max_new_tokens):
-        if active.numel():
-            check_logits(logits, t)
-            if greedy:
-                nxt = logits.argmax(-1)
-                if with_logprobs:
-                    token_logp[active, t] = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-            else:
-                probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                u = torch.stack([torch.rand((), generator=gens[i]) for i in active.tolist()])
-                nxt = draw_tokens(probs, u.to(device))
-                if with_logprobs:
-                    token_logp[active, t] = probs.gather(-1, nxt[:, None]).squeeze(-1).log()
-            tokens[active, t] = nxt
-            lengths[active] += 1
-            hit = torch.isin(nxt, eos)
-            ended[active[hit]] = True
-            if hit.any():
-                keep = (~hit).nonzero().squeeze(1)
-                past.batch_select_indices(keep)
-                active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
-        last = t == max_new_tokens - 1
-        local_done = active.numel() == 0
-        if last or (all_done(local_done) if all_done is not None else local_done):
-            break
-        if active.numel():
-            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
-        else:  # finished here but not on every rank: keep joining the ZeRO-3 all-gathers
-            model(input_ids=torch.full((1, 1), pad_token_id, device=device), use_cache=False)
+    # the shared-prefix cache is read by its own attention function while decoding (prefill ran the model's)
+    with shared_prefix.shared_prefix_attention(model) if shared else nullcontext():
+        for t in range(max_new_tokens):
+            if active.numel():
+                check_logits(logits, t)
+                if greedy:
+                    nxt = logits.argmax(-1)
+                    if with_logprobs:
+                        token_logp[active, t] = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+                else:
+                    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                    u = torch.stack([torch.rand((), generator=gens[i]) for i in active.tolist()])
+                    nxt = draw_tokens(probs, u.to(device))
+                    if with_logprobs:
+                        token_logp[active, t] = probs.gather(-1, nxt[:, None]).squeeze(-1).log()
+                tokens[active, t] = nxt
+                lengths[active] += 1
+                hit = torch.isin(nxt, eos)
+                ended[active[hit]] = True
+                if hit.any():
+                    keep = (~hit).nonzero().squeeze(1)
+                    past.batch_select_indices(keep)
+                    active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
+            last = t == max_new_tokens - 1
+            local_done = active.numel() == 0
+            if last or (all_done(local_done) if all_done is not None else local_done):
+                break
+            if active.numel():
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+                out = model(input_ids=nxt[:, None], attention_mask=None if shared else mask, position_ids=next_pos,
+                            past_key_values=past, use_cache=True, logits_to_keep=1)
+                past, logits = out.past_key_values, out.logits[:, -1, :].float()
+                next_pos = next_pos + 1
+            else:  # finished here but not on every rank: keep joining the ZeRO-3 all-gathers
+                model(input_ids=torch.full((1, 1), pad_token_id, device=device), use_cache=False)
     C = max(int(lengths.max()), 1)
     completion_mask = (torch.arange(C, device=device)[None, :] < lengths[:, None]).long()
     if with_logprobs:

@@ -1,0 +1,211 @@
+"""Decoding rows that share long prompt prefixes, reading each shared prefix once per step.
+
+    cache = SharedPrefixCache.from_prompts(per_prompt_layers, prefix_of, room=max_new_tokens)
+    cache.batch_repeat_interleave(G)              # G completions per prompt: the prefixes are not copied
+    with shared_prefix_attention(model):
+        out = model(input_ids=next_ids[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+
+Why: GRPO samples G completions of every prompt, and a tau2 episode's prompt is ~5,000 tokens of
+policy and tool schemas shared by every episode of the domain. A plain KV cache holds one copy of
+the prompt per row, and every decode step reads all of them: with 32 rows of a 2,300-token prompt,
+copying and reading those caches (transformers' GQA repeat included) was 90% of the sampler's time
+on CPU. Here the cache has two levels:
+  - shared segments: a prefix's keys and values stored once (1, kv_heads, L, head_dim); all of its
+    rows attend to it together, as one batched query (rows x heads-per-kv-head queries per kv head);
+  - each row's tail: the rest of its prompt and the tokens it generates, preallocated (no
+    concatenation per step), written in place.
+Attention over the two parts is merged exactly through their log-sum-exps (the split is the
+"cascade" / Hydragen decomposition of softmax attention): softmax over [prefix; tail] equals the two
+partial softmaxes weighted by exp(lse_part - lse_all). Only rounding differs from one dense SDPA call.
+
+Used for decoding only (one new token per row per step); prefill runs the model's own attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+NAME = "stagewise_shared_prefix"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp. q: (b, h, m, d), k/v: (b, h, n, d), mask: additive,
+    broadcastable to (b, h, m, n) -> out (b, h, m, d) in q's dtype, lse (b, h, m) fp32."""
+    if q.device.type == "cpu":  # the flash kernel returns the log-sum-exp; fp32 accumulation inside
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
+        return out, lse.float()
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A and B from attention over each: (..., d) outputs, (...) lse -> (..., d) fp32."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
+    return (o_a.float() * w_a + o_b.float() * w_b) / (w_a + w_b)
+
+
+class LayerView:
+    """What the cache hands the attention function for one layer (in place of dense keys/values)."""
+
+    def __init__(self, cache: "SharedPrefixCache", layer: int):
+        self.cache, self.layer = cache, layer
+
+
+class SharedPrefixCache:
+    """Per layer: shared segments [(k, v) of shape (1, kv_heads, L_s, d)], each row's tail
+    (rows, kv_heads, capacity, d) with its length; ``segment_of`` (rows,) the segment a row reads
+    (-1: none). Duck-types the parts of transformers' ``Cache`` that a decoder's forward and our
+    sampler use (``update``, ``get_seq_length``, ``batch_select_indices``, ``batch_repeat_interleave``)."""
+
+    def __init__(self, segments: list[list[tuple[torch.Tensor, torch.Tensor]]], segment_of: torch.Tensor,
+                 tail_k: list[torch.Tensor], tail_v: list[torch.Tensor], tail_len: torch.Tensor):
+        self.segments, self.segment_of = segments, segment_of
+        self.tail_k, self.tail_v = tail_k, tail_v
+        self.tail_len = [tail_len.clone() for _ in tail_k]  # per layer: update() runs layer by layer
+        self._groups = None
+
+    @classmethod
+    def from_prompts(cls, caches: list[list[tuple[torch.Tensor, torch.Tensor]]], prefix_of: list[tuple[int, int]],
+                     room: int) -> "SharedPrefixCache":
+        """caches[i][layer] = (k, v) of prompt i, each (1, kv_heads, n_i, d). prefix_of[i] = (j, L):
+        prompt i shares its first L tokens with prompt j (j == i: it owns that segment; L = 0: none).
+        room: decode steps the tails must hold beyond the prompts' own tails."""
+        owners = sorted({j for j, n in prefix_of if n})
+        seg_index = {j: s for s, j in enumerate(owners)}
+        length = {j: n for j, n in prefix_of if n}  # one length per owner: all its rows share L
+        layers = len(caches[0])
+        segments = [[(caches[j][li][0][:, :, :length[j]], caches[j][li][1][:, :, :length[j]]) for j in owners]
+                    for li in range(layers)]
+        start = [n for _, n in prefix_of]
+        own = [caches[i][0][0].size(2) - start[i] for i in range(len(caches))]
+        capacity = max(own) + room
+        k0 = caches[0][0][0]
+        tail_k, tail_v = [], []
+        for li in range(layers):
+            tk = k0.new_zeros((len(caches), k0.size(1), capacity, k0.size(3)))
+            tv = torch.zeros_like(tk)
+            for i, layer in enumerate(caches):
+                tk[i, :, :own[i]] = layer[li][0][0, :, start[i]:]
+                tv[i, :, :own[i]] = layer[li][1][0, :, start[i]:]
+            tail_k.append(tk)
+            tail_v.append(tv)
+        segment_of = torch.tensor([seg_index[j] if n else -1 for j, n in prefix_of], device=k0.device)
+        return cls(segments, segment_of, tail_k, tail_v, torch.tensor(own, device=k0.device))
+
+    # -- the Cache interface ----------------------------------------------------------------------
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this step's key/value (rows, kv_heads, 1, d) at each row's tail end."""
+        if key.size(2) != 1:
+            raise ValueError("SharedPrefixCache is for decoding: one new token per row per step")
+        pos = self.tail_len[layer_idx]
+        if int(pos.max()) >= self.tail_k[layer_idx].size(2):
+            raise ValueError("SharedPrefixCache: a row's tail is full (more decode steps than its room)")
+        rows = torch.arange(key.size(0), device=key.device)
+        self.tail_k[layer_idx][rows, :, pos] = key[:, :, 0]
+        self.tail_v[layer_idx][rows, :, pos] = value[:, :, 0]
+        self.tail_len[layer_idx] = pos + 1
+        view = LayerView(self, layer_idx)
+        return view, view
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        lengths = self.tail_len[layer_idx].clone()
+        for s, (k, _) in enumerate(self.segments[layer_idx]):
+            lengths[self.segment_of == s] += k.size(2)
+        return int(lengths.max()) if lengths.numel() else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.tail_k = [t[indices] for t in self.tail_k]
+        self.tail_v = [t[indices] for t in self.tail_v]
+        self.tail_len = [n[indices] for n in self.tail_len]
+        self.segment_of, self._groups = self.segment_of[indices], None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.tail_k = [t.repeat_interleave(repeats, dim=0) for t in self.tail_k]
+        self.tail_v = [t.repeat_interleave(repeats, dim=0) for t in self.tail_v]
+        self.tail_len = [n.repeat_interleave(repeats) for n in self.tail_len]
+        self.segment_of, self._groups = self.segment_of.repeat_interleave(repeats), None
+
+    # -- attention ----------------------------------------------------------------------------------
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(segment, the rows reading it) for every segment some row reads; computed once per batch."""
+        if self._groups is None:
+            present = sorted(set(self.segment_of.tolist()) - {-1})
+            self._groups = [(s, (self.segment_of == s).nonzero().squeeze(1)) for s in present]
+        return self._groups
+
+    def attention(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """query (rows, heads, 1, d) -> attention output (rows, 1, heads, d), as transformers' attention
+        functions return it."""
+        rows, heads, _, d = query.shape
+        kv_heads = self.tail_k[layer].size(1)
+        per_kv = heads // kv_heads  # query heads reading one kv head (grouped-query attention)
+        q = query.reshape(rows, kv_heads, per_kv, d)
+        n = self.tail_len[layer]
+        width = int(n.max())
+        valid = torch.arange(width, device=query.device)[None, :] < n[:, None]
+        mask = torch.zeros(valid.shape, dtype=torch.float32, device=query.device).masked_fill(~valid, float("-inf"))
+        out, lse = attend(q, self.tail_k[layer][:, :, :width], self.tail_v[layer][:, :, :width], scale,
+                          mask[:, None, None, :])
+        out = out.float()
+        for s, idx in self.groups():
+            k, v = self.segments[layer][s]
+            # all rows of the segment as one query batch per kv head: (1, kv_heads, rows_s * per_kv, d)
+            qs = q[idx].permute(1, 0, 2, 3).reshape(1, kv_heads, idx.numel() * per_kv, d)
+            o_s, lse_s = attend(qs, k, v, scale)
+            o_s = o_s.reshape(kv_heads, idx.numel(), per_kv, d).permute(1, 0, 2, 3)
+            lse_s = lse_s.reshape(kv_heads, idx.numel(), per_kv).permute(1, 0, 2)
+            out[idx] = merge(out[idx], lse[idx], o_s, lse_s)
+        return out.to(query.dtype).reshape(rows, heads, d)[:, None]
+
+
+def shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function (registered as ``stagewise_shared_prefix``): ``key`` is the
+    cache's LayerView. Attention sinks, soft-capping and sliding windows are not supported (the sampler
+    does not choose this path for such models)."""
+    if not isinstance(key, LayerView):
+        raise TypeError("the shared-prefix attention needs a SharedPrefixCache")
+    scale = scaling if scaling is not None else query.size(-1) ** -0.5
+    return key.cache.attention(key.layer, query, scale), None
+
+
+def supported(model) -> bool:
+    """Plain softmax attention: no soft-capping, no sinks, no sliding windows."""
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and (getattr(config, "attn_logit_softcapping", None)
+                                   or getattr(config, "use_sliding_window", False)
+                                   or "sliding_attention" in (getattr(config, "layer_types", None) or [])):
+            return False
+        if hasattr(m, "sinks"):
+            return False
+    return True
+
+
+@contextmanager
+def shared_prefix_attention(model):
+    """Within: the model's attention layers read a SharedPrefixCache (every config under ``model``,
+    through any wrappers, switched to this attention and back)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, shared_prefix_attention_forward)
+    configs = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+    before = {i: c._attn_implementation for i, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = NAME
+        yield
+    finally:
+        for i, c in configs.items():
+            c._attn_implementation = before[i]

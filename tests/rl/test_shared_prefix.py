@@ -1,0 +1,99 @@
+"""The shared-prefix cache: attention over [shared segment; row tail] equals dense attention over the
+row's whole sequence, the segment is stored once however many rows read it, and the sampler uses it
+for long prompts with the same completions as the dense padded batch."""
+
+import torch
+
+from stagewise.rl.shared_prefix import SharedPrefixCache, attend
+
+
+def _dense(q, k, v, scale):
+    """Reference: plain softmax attention of one row. q (heads, d), k/v (kv_heads, n, d) -> (heads, d)."""
+    per_kv = q.size(0) // k.size(0)
+    k, v = k.repeat_interleave(per_kv, 0), v.repeat_interleave(per_kv, 0)
+    w = torch.softmax((q[:, None, :] @ k.transpose(-1, -2)).squeeze(1) * scale, -1)  # (heads, n)
+    return (w[:, None, :] @ v).squeeze(1)
+
+
+def test_attention_over_segment_and_tail_equals_dense_attention():
+    g = torch.Generator().manual_seed(0)
+    kv_heads, heads, d, layers = 2, 6, 16, 2
+    shared = [(torch.randn(1, kv_heads, 40, d, generator=g), torch.randn(1, kv_heads, 40, d, generator=g))
+              for _ in range(layers)]
+
+    def prompt(n, base=None):  # a prompt's per-layer cache; the first 40 positions from `base` when given
+        out = []
+        for li in range(layers):
+            k, v = torch.randn(1, kv_heads, n, d, generator=g), torch.randn(1, kv_heads, n, d, generator=g)
+            if base is not None:
+                k[:, :, :40], v[:, :, :40] = base[li]
+            out.append((k, v))
+        return out
+
+    # prompts 0 and 1 share 40 positions (0 owns the segment), prompt 2 is its own segment, whole
+    caches = [prompt(55, shared), prompt(47, shared), prompt(30)]
+    cache = SharedPrefixCache.from_prompts(caches, [(0, 40), (0, 40), (2, 30)], room=4)
+    cache.batch_repeat_interleave(3)  # 9 rows: 3 completions per prompt
+    assert [s[0].size(0) for s in cache.segments[0]] == [1, 1]  # each segment stored once, not per row
+    assert cache.tail_k[0].shape == (9, kv_heads, 15 + 4, d)  # the longest own part (55 - 40) + room
+    full = {r: [[caches[r // 3][li][0][0], caches[r // 3][li][1][0]] for li in range(layers)] for r in range(9)}
+    scale = d ** -0.5
+    rows = list(range(9))
+    for step in range(3):
+        if step == 2:  # rows 1 and 4 finished: they leave the batch
+            rows = [r for r in rows if r not in (1, 4)]
+            cache.batch_select_indices(torch.tensor([i for i, r in enumerate(range(9)) if r not in (1, 4)]))
+        for li in range(layers):
+            k_new = torch.randn(len(rows), kv_heads, 1, d, generator=g)
+            v_new = torch.randn(len(rows), kv_heads, 1, d, generator=g)
+            view, _ = cache.update(k_new, v_new, li)
+            q = torch.randn(len(rows), heads, 1, d, generator=g)
+            out = view.cache.attention(li, q, scale)  # (rows, 1, heads, d)
+            for j, r in enumerate(rows):
+                full[r][li][0] = torch.cat([full[r][li][0], k_new[j]], 1)
+                full[r][li][1] = torch.cat([full[r][li][1], v_new[j]], 1)
+                ref = _dense(q[j, :, 0], full[r][li][0], full[r][li][1], scale)
+                torch.testing.assert_close(out[j, 0], ref, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 55 + 3
+
+
+def test_attend_returns_the_log_sum_exp():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 4)
+    mask[0, ..., 3] = float("-inf")
+    out, lse = attend(q, k, v, 0.5, mask)
+    s = (q @ k.transpose(-1, -2)) * 0.5 + mask
+    torch.testing.assert_close(lse, s.logsumexp(-1))
+    torch.testing.assert_close(out, s.softmax(-1) @ v)
+
+
+def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatch):
+    """Two 1,300-token prompts sharing 1,100 tokens, 4 completions each: decoded with the shared cache
+    (its attention really runs), the completions equal the dense padded batch's and the log-probs agree
+    to rounding."""
+    import stagewise.rl.sampling as sampling
+    from stagewise.rl import shared_prefix
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    model = type(model)(model.config).eval()
+    g = torch.Generator().manual_seed(2)
+    common = torch.randint(0, 256, (1100,), generator=g)
+    ids = torch.stack([torch.cat([common, torch.randint(0, 256, (200,), generator=g)]) for _ in range(2)])
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=8, eos_token_ids=[259], pad_token_id=258, num_samples=4, seeds=list(range(8)),
+              temperature=1.0, with_logprobs=True)
+    calls = []
+    real = shared_prefix.SharedPrefixCache.attention
+    monkeypatch.setattr(shared_prefix.SharedPrefixCache, "attention",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    shared = sampling.sample(model, ids, mask, **kw)
+    assert len(calls) == 2 * 7  # 2 layers x 7 decode steps after the first token
+    assert model.config._attn_implementation != shared_prefix.NAME  # switched back after decoding
+    monkeypatch.setattr(sampling, "SPLIT_PREFILL_FROM", 10**9)
+    dense = sampling.sample(model, ids, mask, **kw)
+    assert len(calls) == 2 * 7
+    assert torch.equal(shared[0], dense[0]) and torch.equal(shared[1], dense[1])
+    torch.testing.assert_close(shared[3], dense[3], atol=1e-4, rtol=1e-4)
