@@ -83,6 +83,9 @@ class RolloutConfig(_Part):
     # Weights the local engine samples with: "policy" decodes with the training module itself;
     # "bf16_copy" a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
     weights: Literal["auto", "policy", "bf16_copy"] = "auto"
+    # local engine: long prompts' KV caches kept within a rollout phase / an evaluation (GiB per
+    # process; 0 = off), so multi-turn episodes and shared system prompts are not prefilled again
+    prefix_cache_gib: float = Field(1.0, ge=0)
     # Multi-turn episodes (environment domains); max_new_tokens is then the budget of one policy turn
     max_turns: int = Field(4, gt=0)  # policy turns per episode
     max_episode_tokens: int = Field(512, gt=0)  # tokens after the prompt: policy turns + tool results + replies

@@ -84,7 +84,8 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
                 rank=state.process_index, world=state.num_processes, device=state.device, reduce_sum=reduce,
                 limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_tokens=cfg.rollout.max_episode_tokens,
                                      max_tool_errors=cfg.rollout.max_tool_errors),
-                trials=trials, temperature=cfg.rollout.temperature, seed=cfg.seed)
+                trials=trials, temperature=cfg.rollout.temperature, seed=cfg.seed,
+                prefix_cache_gib=cfg.rollout.prefix_cache_gib)
             if trials > 1:
                 pass_k_logs.update({f"eval/{dom.name}/pass^{k}": v for k, v in pass_k.items()})
         row.append(accuracy)

@@ -10,7 +10,8 @@ Kinds:
     local     a Hugging Face model in this process (a path, a hub id in the local cache, or
               ``bundled:...``), greedy by default: the same user for every run; ``model: policy``
               is a frozen copy of the weights the current stage started from (its evaluation
-              after the stage too), so the customer is as capable as the agent was
+              after the stage too), so the customer is as capable as the agent was. Runs in
+              ``dtype`` (bfloat16 by default, as the policy samples; float32 for exact numbers)
     endpoint  an OpenAI-compatible chat-completions server (a local vLLM or llama.cpp server) by URL
     scripted  no model: for tests and oracles. Opens with ``first`` (a format string with {id} and
               {reason_for_call}; default: the task's reason for the call), then performs the task's expected user-side actions one per agent message
@@ -118,8 +119,11 @@ class LocalModelUser:
     """A causal LM in this process; sessions generate with our sampler (greedy unless temperature > 0)."""
 
     def __init__(self, model: str = "bundled:smollm2-135m-instruct", max_new_tokens: int = 96,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16"):
+        if dtype not in DTYPES:
+            raise ConfigError(f"user simulator dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         self.name, self.max_new_tokens, self.temperature, self.seed = model, max_new_tokens, temperature, seed
+        self.dtype = dtype
         self.calls = 0
 
     def session(self, system: str, tools: list[dict], task=None) -> ChatSession:
@@ -138,7 +142,7 @@ class LocalModelUser:
             name = _policy_weights[0]
         else:
             name = self.name
-        model, tok = _load_user_model(name, str(_device()))
+        model, tok, store = _load_user_model(name, str(_device()), self.dtype)
         renderer = ChatRenderer(tok)
         shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
                  for m in renderer.with_tool_prompt(messages, tools)]
@@ -153,7 +157,8 @@ class LocalModelUser:
             out, cmask, _ = sample(model, x, torch.ones_like(x), max_new_tokens=self.max_new_tokens,
                                    eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
                                    greedy=self.temperature <= 0, temperature=max(self.temperature, 1e-5),
-                                   seeds=None if self.temperature <= 0 else [self.seed + self.calls])
+                                   seeds=None if self.temperature <= 0 else [self.seed + self.calls],
+                                   prefix_store=store)
         text = tok.decode(out[0, : int(cmask[0].sum())].tolist(), skip_special_tokens=True).strip()
         calls, _ = parse_tool_calls(text) if tools else ([], None)
         return {"tool_calls": calls} if calls else {"content": text}
@@ -167,19 +172,23 @@ def _device():
     return PartialState().device if PartialState._shared_state else torch.device("cpu")
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
 @lru_cache(maxsize=2)
-def _load_user_model(name: str, device: str):
-    """Once per process: the user model, frozen, in eval mode (bf16 on a GPU, fp32 on the CPU)."""
+def _load_user_model(name: str, device: str, dtype: str = "bfloat16"):
+    """Once per process: the user model, frozen, in eval mode, with a store of its long prompts'
+    caches (its weights never change, so each conversation's next reply prefills only what is new)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from stagewise.models import load_tokenizer, resolve_model_path
+    from stagewise.rl.prefix_store import PrefixStore
 
     path = resolve_model_path(name)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     model.requires_grad_(False)
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path), PrefixStore(2**29)
 
 
 class EndpointUser:

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from stagewise.registry import register
+from stagewise.rl.prefix_store import PrefixStore
 from stagewise.rl.sampling import sample
 
 
@@ -60,11 +61,17 @@ class LocalEngine:
     lockstep (ZeRO-3 / FSDP): parameters are gathered inside forward, so every rank must run the
     same number of forward passes; ``all_done`` is the agreement hook, and a rank with nothing to
     generate still calls ``generate`` with ``prompts=[]`` to join its peers.
+
+    An engine is built around fixed weights (one rollout phase, one evaluation), so it keeps long
+    prompts' caches between calls (``prefix_cache_gib``, 0: off): a multi-turn episode's next turn
+    prefills only what was added since its last, and a shared system prompt is computed once.
     """
 
-    def __init__(self, model, tokenizer, *, device, all_done: Callable[[bool], bool] | None = None):
+    def __init__(self, model, tokenizer, *, device, all_done: Callable[[bool], bool] | None = None,
+                 prefix_cache_gib: float = 1.0):
         self.model, self.tokenizer, self.device, self.all_done = model, tokenizer, device, all_done
         self.context = context_length(model)
+        self.prefix_store = PrefixStore(int(prefix_cache_gib * 2**30)) if prefix_cache_gib > 0 else None
 
     def generate(self, prompts: list[list[int]], *, n: int, seeds: list[int] | None,
                  params: SamplingParams) -> Generation:
@@ -79,7 +86,8 @@ class LocalEngine:
         out, cmask, truncated = sample(
             self.model, ids, mask, max_new_tokens=params.max_new_tokens, eos_token_ids=list(params.stop_token_ids),
             pad_token_id=pad, num_samples=n, seeds=None if params.greedy else seeds, temperature=params.temperature,
-            top_p=params.top_p, top_k=params.top_k, greedy=params.greedy, all_done=self.all_done)
+            top_p=params.top_p, top_k=params.top_k, greedy=params.greedy, all_done=self.all_done,
+            prefix_store=self.prefix_store)
         lengths = cmask.sum(-1).tolist()
         return Generation([out[i, :lengths[i]].tolist() for i in range(out.size(0))], (~truncated).tolist())
 

@@ -276,7 +276,8 @@ def train_grpo_stage(job: StageJob) -> dict:
                           all_done=all_done)
         if persistent is None:
             with weights.sampling_model() as sampler:
-                batch = generate_rollouts(engine_cls(sampler, tok, device=acc.device, all_done=all_done), tok, mine,
+                batch = generate_rollouts(engine_cls(sampler, tok, device=acc.device, all_done=all_done,
+                                                     prefix_cache_gib=ro.prefix_cache_gib), tok, mine,
                                           **rollout_kw)
         else:
             try:

@@ -17,6 +17,7 @@ import torch
 
 from stagewise.errors import TrainingError
 from stagewise.rl import shared_prefix
+from stagewise.rl.prefix_store import PrefixStore
 
 
 def check_logits(logits: torch.Tensor, step: int) -> None:
@@ -74,7 +75,7 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, lockstep: bool,
-            room: int | None = None):
+            room: int | None = None, store: PrefixStore | None = None):
     """KV cache and last-position logits (N, V) of left-padded prompts (N, P).
 
     Long prompts (multi-turn episodes: thousands of tokens each) are prefilled one at a time,
@@ -89,6 +90,10 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     A prompt's numbers depend only on its own tokens (same blocks whichever prompts share them),
     so completions stay independent of batch composition. Under lockstep (ZeRO-3 / FSDP) every
     rank must run the same forward passes, so the batch is prefilled at once there.
+
+    store: prompt caches from earlier calls with the same weights (the engine's; ``prefix_store``):
+    a prompt starts from the longest whole-block prefix found there or in its sorted predecessor, and
+    is stored in turn (an episode's next turn re-prefills only what was said since).
 
     room: the decode steps to come. Given it (and plain softmax attention), long prompts return a
     ``SharedPrefixCache``: the prefix that sorted neighbours share in whole blocks (or a lone prompt
@@ -108,13 +113,18 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     starts = [0] * N  # tokens (whole blocks) prompt i shares with its sorted predecessor
     previous = None
     for i in order:
-        n, start, cache = lengths[i], 0, None
+        n, cache = lengths[i], None
         if previous is not None:
-            start = min(common_prefix(rows[previous], rows[i]), n - 1) // PREFILL_BLOCK * PREFILL_BLOCK
-            if start:
-                cache = DynamicCache()
-                for li, layer in enumerate(layers[previous]):
-                    cache.update(layer.keys[:, :, :start], layer.values[:, :, :start], li)
+            starts[i] = min(common_prefix(rows[previous], rows[i]), n - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+        start, source = starts[i], layers[previous] if previous is not None else None
+        if store is not None:
+            stored, stored_layers = store.longest(rows[i], PREFILL_BLOCK, below=n)
+            if stored > start:
+                start, source = stored, stored_layers
+        if start:
+            cache = DynamicCache()
+            for li, layer in enumerate(source):
+                cache.update(layer.keys[:, :, :start], layer.values[:, :, :start], li)
         for s in range(start, n, PREFILL_BLOCK):
             e = min(s + PREFILL_BLOCK, n)
             out = model(input_ids=rows[i][None, s:e], position_ids=torch.arange(s, e, device=prompt_ids.device)[None],
@@ -126,7 +136,9 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
             out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
             return out.past_key_values, out.logits[:, -1, :].float()
-        layers[i], logits[i], previous, starts[i] = ls, out.logits[:, -1, :].float(), i, start
+        layers[i], logits[i], previous = ls, out.logits[:, -1, :].float(), i
+        if store is not None:
+            store.add(rows[i], ls, PREFILL_BLOCK)
     if room is not None and shared_prefix.supported(model):
         return shared_cache(layers, order, starts, lengths, room), torch.cat(logits)
     cache = DynamicCache()
@@ -134,7 +146,6 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     for li in range(len(layers[0])):
         cache.update(torch.cat([pad(ls[li].keys) for ls in layers]), torch.cat([pad(ls[li].values) for ls in layers]), li)
     return cache, torch.cat(logits)
-
 
 
 def shared_cache(layers: list, order: list[int], starts: list[int], lengths: list[int], room: int):
@@ -161,7 +172,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
            eos_token_ids: list[int], pad_token_id: int, num_samples: int = 1,
            seeds: list[int] | None = None, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, greedy: bool = False, all_done: Callable[[bool], bool] | None = None,
-           with_logprobs: bool = False) -> tuple[torch.Tensor, ...]:
+           with_logprobs: bool = False, prefix_store: PrefixStore | None = None) -> tuple[torch.Tensor, ...]:
     """Sample ``num_samples`` completions for each prompt.
 
     prompt_ids, prompt_mask: (N, P), left-padded, one row per *distinct* prompt.
@@ -171,6 +182,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     no EOS within max_new_tokens. C <= max_new_tokens: decoding stops when every row has ended.
     with_logprobs: also return (B, C) fp32 log-probabilities of the drawn tokens under the
     distribution they were drawn from (temperature and top-k/top-p applied; 0 after the end).
+    prefix_store: long prompts' caches kept across calls with the same weights (see ``prefill``).
 
     Speed: each distinct prompt is prefilled once and its KV cache repeated num_samples times
     (GRPO groups share their prompt), and rows that reached EOS leave the batch. Long prompts
@@ -185,7 +197,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     eos = torch.tensor(eos_token_ids, device=device)
     mask = prompt_mask.long()
     positions = position_ids_from_mask(mask)
-    past, logits = prefill(model, prompt_ids, mask, positions, lockstep=all_done is not None, room=max_new_tokens)
+    past, logits = prefill(model, prompt_ids, mask, positions, lockstep=all_done is not None, room=max_new_tokens,
+                           store=prefix_store)
     shared = isinstance(past, shared_prefix.SharedPrefixCache)  # long prompts: shared prefixes read once
     next_pos = positions[:, -1:] + 1
     if num_samples > 1:

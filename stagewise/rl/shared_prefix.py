@@ -78,19 +78,22 @@ class SharedPrefixCache:
         """caches[i][layer] = (k, v) of prompt i, each (1, kv_heads, n_i, d). prefix_of[i] = (j, L):
         prompt i shares its first L tokens with prompt j (j == i: it owns that segment; L = 0: none).
         room: decode steps the tails must hold beyond the prompts' own tails."""
+        k0 = caches[0][0][0]
+        # one dtype for keys, values and queries: under autocast the one SDPA would compute in (keys
+        # come out of the rotary embedding in fp32, values in bf16), else the cache's own
+        dtype = torch.get_autocast_dtype(k0.device.type) if torch.is_autocast_enabled(k0.device.type) else k0.dtype
         owners = sorted({j for j, n in prefix_of if n})
         seg_index = {j: s for s, j in enumerate(owners)}
         length = {j: n for j, n in prefix_of if n}  # one length per owner: all its rows share L
         layers = len(caches[0])
-        segments = [[(caches[j][li][0][:, :, :length[j]], caches[j][li][1][:, :, :length[j]]) for j in owners]
-                    for li in range(layers)]
+        segments = [[(caches[j][li][0][:, :, :length[j]].to(dtype), caches[j][li][1][:, :, :length[j]].to(dtype))
+                     for j in owners] for li in range(layers)]
         start = [n for _, n in prefix_of]
         own = [caches[i][0][0].size(2) - start[i] for i in range(len(caches))]
         capacity = max(own) + room
-        k0 = caches[0][0][0]
         tail_k, tail_v = [], []
         for li in range(layers):
-            tk = k0.new_zeros((len(caches), k0.size(1), capacity, k0.size(3)))
+            tk = k0.new_zeros((len(caches), k0.size(1), capacity, k0.size(3)), dtype=dtype)
             tv = torch.zeros_like(tk)
             for i, layer in enumerate(caches):
                 tk[i, :, :own[i]] = layer[li][0][0, :, start[i]:]
@@ -109,8 +112,8 @@ class SharedPrefixCache:
         if int(pos.max()) >= self.tail_k[layer_idx].size(2):
             raise ValueError("SharedPrefixCache: a row's tail is full (more decode steps than its room)")
         rows = torch.arange(key.size(0), device=key.device)
-        self.tail_k[layer_idx][rows, :, pos] = key[:, :, 0]
-        self.tail_v[layer_idx][rows, :, pos] = value[:, :, 0]
+        self.tail_k[layer_idx][rows, :, pos] = key[:, :, 0].to(self.tail_k[layer_idx].dtype)
+        self.tail_v[layer_idx][rows, :, pos] = value[:, :, 0].to(self.tail_v[layer_idx].dtype)
         self.tail_len[layer_idx] = pos + 1
         view = LayerView(self, layer_idx)
         return view, view
@@ -147,7 +150,7 @@ class SharedPrefixCache:
         rows, heads, _, d = query.shape
         kv_heads = self.tail_k[layer].size(1)
         per_kv = heads // kv_heads  # query heads reading one kv head (grouped-query attention)
-        q = query.reshape(rows, kv_heads, per_kv, d)
+        q = query.reshape(rows, kv_heads, per_kv, d).to(self.tail_k[layer].dtype)
         n = self.tail_len[layer]
         width = int(n.max())
         valid = torch.arange(width, device=query.device)[None, :] < n[:, None]

@@ -103,7 +103,7 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
     monkeypatch.setattr(users, "_policy_weights", [])
     loaded = []
     real = users._load_user_model
-    monkeypatch.setattr(users, "_load_user_model", lambda name, device: loaded.append(name) or real(name, device))
+    monkeypatch.setattr(users, "_load_user_model", lambda name, device, dtype: loaded.append(name) or real(name, device, dtype))
 
     def first(user):
         return user.session(system="You are a customer.", tools=[]).first_message("Hi! How can I help?")
@@ -121,6 +121,7 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
 @pytest.mark.parametrize("spec,message", [
     ({"kind": "oracle"}, r"u\.kind: unknown user_simulator 'oracle'"),
     ({"kind": "endpoint"}, r"u: .*missing 1 required positional argument: 'url'"),
+    ({"kind": "local", "dtype": "fp8"}, r"user simulator dtype: 'fp8' is not one of bfloat16, float16, float32"),
 ])
 def test_bad_user_simulator_specs(spec, message):
     with pytest.raises(ConfigError, match=message):

@@ -97,3 +97,68 @@ def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatc
     assert len(calls) == 2 * 7
     assert torch.equal(shared[0], dense[0]) and torch.equal(shared[1], dense[1])
     torch.testing.assert_close(shared[3], dense[3], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_store_finds_the_longest_whole_block_prefix_and_keeps_to_its_budget():
+    from types import SimpleNamespace
+
+    from stagewise.rl.prefix_store import PrefixStore
+
+    def layers(n):  # one layer of fp32 keys/values, 1 kv head of width 2: 16 bytes per token
+        return [SimpleNamespace(keys=torch.zeros(1, 1, n, 2), values=torch.zeros(1, 1, n, 2))]
+
+    store = PrefixStore(budget_bytes=16 * 25)
+    a = torch.arange(10)
+    store.add(a, layers(10), block=4)
+    assert store.longest(torch.cat([a, torch.tensor([99])]), 4, below=11)[0] == 8  # blocks [0, 4), [4, 8)
+    assert store.longest(a, 4, below=8)[0] == 4  # must leave a token to compute: at most 7, one block
+    other = a.clone()
+    other[5] = 42
+    assert store.longest(other, 4, below=10)[0] == 4  # diverges inside the second block
+    assert store.longest(torch.arange(1, 11), 4, below=10) == (0, None)
+    store.add(torch.arange(100, 112), layers(12), block=4)  # 10 + 12 tokens fit in 25
+    store.add(torch.arange(200, 208), layers(8), block=4)  # 30 > 25: the least recently used (a) goes
+    assert store.longest(a, 4, below=10) == (0, None)
+    assert store.longest(torch.arange(100, 112), 4, below=12)[0] == 8
+    assert store.used == 16 * 20
+
+
+def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
+    """A 1,300-token prompt, then the same prompt extended by 400 tokens (the next turn): the second call
+    runs only the tokens from the last whole block the first one stored (1,024) through the model, and
+    its logits are bit for bit a fresh prefill's."""
+    import stagewise.rl.sampling as sampling
+    from stagewise.rl.engines import LocalEngine, SamplingParams
+    from tests.conftest import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    model = type(model)(model.config).eval()
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def forward(self, input_ids, **k):
+            if input_ids.size(1) > 1:
+                seen.append(input_ids.size(1))
+            return self.m(input_ids=input_ids, **k)
+
+    g = torch.Generator().manual_seed(3)
+    first = torch.randint(0, 256, (1300,), generator=g)
+    second = torch.cat([first, torch.randint(0, 256, (400,), generator=g)])
+    engine = LocalEngine(Counting(model), build_tokenizer(), device="cpu")
+    params = SamplingParams(max_new_tokens=1, greedy=True, stop_token_ids=(259,))
+    engine.generate([first.tolist()], n=1, seeds=None, params=params)
+    assert sum(seen) == 1300
+    seen.clear()
+    engine.generate([second.tolist()], n=1, seeds=None, params=params)
+    assert sum(seen) == 1700 - 1024 and engine.prefix_store.hits == 1
+    with torch.no_grad():
+        ids = second[None]
+        _, reused = sampling.prefill(model, ids, torch.ones_like(ids), torch.arange(1700)[None], lockstep=False,
+                                     store=engine.prefix_store)
+        _, fresh = sampling.prefill(model, ids, torch.ones_like(ids), torch.arange(1700)[None], lockstep=False)
+    assert torch.equal(reused, fresh)
