@@ -75,6 +75,12 @@ class Environment:
         self.answer = text
         return None
 
+    @classmethod
+    def reply_many(cls, envs: list["Environment"], texts: list[str]) -> list[str | None]:
+        """``reply`` for several episodes of this class at once (the rollout loop calls this): override
+        it where the replies can be made together, e.g. by one batched call to a user model."""
+        return [env.reply(text) for env, text in zip(envs, texts)]
+
     def reward(self) -> dict[str, float]:
         """Named reward parts for the finished (or truncated) episode."""
         raise NotImplementedError

@@ -35,10 +35,11 @@ from stagewise.registry import lookup, register
 
 
 class ChatSession:
-    """A session over a chat backend: ``complete(messages, tools) -> {"content"} | {"tool_calls"}``."""
+    """A session over a chat backend: ``complete(messages, tools) -> {"content"} | {"tool_calls"}``.
+    backend: the simulator, when it can also answer many sessions in one call (``complete_many``)."""
 
-    def __init__(self, complete, system: str, tools: list[dict]):
-        self.complete, self.tools = complete, tools
+    def __init__(self, complete, system: str, tools: list[dict], backend=None):
+        self.complete, self.tools, self.backend = complete, tools, backend
         self.history: list[dict] = [{"role": "system", "content": system}]
 
     def first_message(self, greeting: str) -> str:
@@ -51,20 +52,57 @@ class ChatSession:
         self.history += [{"role": "user", "content": greeting}, {"role": "assistant", "content": first}]
 
     def respond(self, agent_text: str) -> dict:
-        self.history.append({"role": "user", "content": agent_text})
+        self.hear("respond", agent_text)
         return self._next()
 
     def tool_results(self, results: list[str]) -> dict:
-        self.history += [{"role": "tool", "content": r} for r in results]
+        self.hear("tool_results", results)
         return self._next()
 
+    def hear(self, what: str, arg) -> None:
+        """Add the agent's message (``respond``) or the user's own tool results (``tool_results``)."""
+        if what == "respond":
+            self.history.append({"role": "user", "content": arg})
+        else:
+            self.history += [{"role": "tool", "content": r} for r in arg]
+
     def _next(self) -> dict:
-        turn = self.complete(self.history, self.tools)
+        return self.record(self.complete(self.history, self.tools))
+
+    def record(self, turn: dict) -> dict:
         if turn.get("tool_calls"):
             self.history.append({"role": "assistant", "content": json.dumps(turn["tool_calls"])})
         else:
             self.history.append({"role": "assistant", "content": turn.get("content") or ""})
         return turn
+
+
+def respond_all(sessions: list, texts: list[str]) -> list[dict]:
+    """``session.respond(text)`` for several sessions; those of a simulator that answers in batches
+    (a local model) are answered in one call."""
+    return _answer_all(sessions, texts, "respond")
+
+
+def tool_results_all(sessions: list, results: list[list[str]]) -> list[dict]:
+    """``session.tool_results(results)`` for several sessions, batched as ``respond_all``."""
+    return _answer_all(sessions, results, "tool_results")
+
+
+def _answer_all(sessions: list, args: list, what: str) -> list[dict]:
+    out: list = [None] * len(sessions)
+    batches: dict[int, tuple[object, list[int]]] = {}
+    for k, (s, arg) in enumerate(zip(sessions, args)):
+        backend = getattr(s, "backend", None)
+        if hasattr(backend, "complete_many"):
+            s.hear(what, arg)
+            batches.setdefault(id(backend), (backend, []))[1].append(k)
+        else:
+            out[k] = getattr(s, what)(arg)
+    for backend, ks in batches.values():
+        turns = backend.complete_many([(sessions[k].history, sessions[k].tools) for k in ks])
+        for k, turn in zip(ks, turns):
+            out[k] = sessions[k].record(turn)
+    return out
 
 
 class ScriptedUser:
@@ -116,7 +154,8 @@ def set_policy_weights(path: str) -> None:
 
 
 class LocalModelUser:
-    """A causal LM in this process; sessions generate with our sampler (greedy unless temperature > 0)."""
+    """A causal LM in this process; sessions generate with our sampler (greedy unless temperature > 0),
+    the replies of several conversations in one batch (``complete_many``)."""
 
     def __init__(self, model: str = "bundled:smollm2-135m-instruct", max_new_tokens: int = 96,
                  temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16"):
@@ -127,12 +166,16 @@ class LocalModelUser:
         self.calls = 0
 
     def session(self, system: str, tools: list[dict], task=None) -> ChatSession:
-        return ChatSession(self.complete, system, tools)
+        return ChatSession(self.complete, system, tools, backend=self)
 
     def complete(self, messages: list[dict], tools: list[dict]) -> dict:
+        return self.complete_many([(messages, tools)])[0]
+
+    def complete_many(self, requests: list[tuple[list[dict], list[dict]]]) -> list[dict]:
+        """One reply per (messages, tools): all sampled in one batch (left-padded; each row its own seed)."""
         import torch
 
-        from stagewise.rl.episodes import ChatRenderer
+        from stagewise.rl.engines import left_pad
         from stagewise.rl.sampling import sample
 
         if self.name == POLICY:
@@ -143,6 +186,25 @@ class LocalModelUser:
         else:
             name = self.name
         model, tok, store = _load_user_model(name, str(_device()), self.dtype)
+        prompts = [self._prompt_ids(model, tok, messages, tools) for messages, tools in requests]
+        seeds = [self.seed + self.calls + k + 1 for k in range(len(prompts))]
+        self.calls += len(prompts)
+        ids, mask = left_pad(prompts, tok.pad_token_id, model.device)
+        with torch.no_grad():
+            out, cmask, _ = sample(model, ids, mask, max_new_tokens=self.max_new_tokens,
+                                   eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                                   greedy=self.temperature <= 0, temperature=max(self.temperature, 1e-5),
+                                   seeds=None if self.temperature <= 0 else seeds, prefix_store=store)
+        turns = []
+        for k, (_, tools) in enumerate(requests):
+            text = tok.decode(out[k, : int(cmask[k].sum())].tolist(), skip_special_tokens=True).strip()
+            calls, _ = parse_tool_calls(text) if tools else ([], None)
+            turns.append({"tool_calls": calls} if calls else {"content": text})
+        return turns
+
+    def _prompt_ids(self, model, tok, messages: list[dict], tools: list[dict]) -> list[int]:
+        from stagewise.rl.episodes import ChatRenderer
+
         renderer = ChatRenderer(tok)
         shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
                  for m in renderer.with_tool_prompt(messages, tools)]
@@ -151,17 +213,7 @@ class LocalModelUser:
         while len(ids) + self.max_new_tokens > ctx and len(shown) > 2:
             del shown[1]  # the user's own context is full: its instructions stay, its oldest turns go
             ids = renderer.opening_ids(shown, tools)
-        self.calls += 1
-        x = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out, cmask, _ = sample(model, x, torch.ones_like(x), max_new_tokens=self.max_new_tokens,
-                                   eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                                   greedy=self.temperature <= 0, temperature=max(self.temperature, 1e-5),
-                                   seeds=None if self.temperature <= 0 else [self.seed + self.calls],
-                                   prefix_store=store)
-        text = tok.decode(out[0, : int(cmask[0].sum())].tolist(), skip_special_tokens=True).strip()
-        calls, _ = parse_tool_calls(text) if tools else ([], None)
-        return {"tool_calls": calls} if calls else {"content": text}
+        return ids
 
 
 def _device():

@@ -183,8 +183,8 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
         turn_seeds = None if params.greedy else [turn_seed(seeds[i], turn) for i in active]
         gen = engine.generate(prompts, n=n, seeds=turn_seeds, params=params)
         logps = gen.logprobs or [None] * len(active)
-        for i, toks, finished, lp in zip(active, gen.tokens, gen.finished, logps):
-            take_turn(eps[i], toks, finished, tokenizer, renderer, limits, lp)
+        take_turns([(eps[i], toks, finished, lp) for i, toks, finished, lp in zip(active, gen.tokens, gen.finished, logps)],
+                   tokenizer, renderer, limits)
     for e in eps:
         if not e.ended:  # out of turns while the policy was still calling tools
             e.truncated = True
@@ -193,10 +193,37 @@ def run_episodes(engine, tokenizer, examples: list[tuple[object, dict]], *, grou
     return eps
 
 
-def take_turn(e: Episode, toks: list[int], finished: bool, tokenizer, renderer: ChatRenderer,
-              limits: EpisodeLimits, logprobs: list[float] | None = None) -> None:
-    """Append the policy's turn, act on it, and append what the environment answers.
-    logprobs: the engine's log-probs of ``toks``, when it reports them."""
+def take_turns(turns: list[tuple[Episode, list[int], bool, list[float] | None]], tokenizer,
+               renderer: ChatRenderer, limits: EpisodeLimits) -> None:
+    """Every active episode's turn: (episode, sampled ids, hit a stop token, engine log-probs or None).
+    Tool calls run episode by episode; the turns that go to a (simulated) user are answered together,
+    one ``reply_many`` per environment class, so a model-backed user answers them in one batch."""
+    acted, to_user = [], []
+    for e, toks, finished, lp in turns:
+        step = begin_turn(e, toks, finished, tokenizer, limits, lp)
+        if step is None:
+            continue
+        kind, payload = step
+        (to_user if kind == "user" else acted).append((e, toks, payload))
+    by_class: dict[type, list] = {}
+    for item in to_user:
+        by_class.setdefault(type(item[0].env), []).append(item)
+    for cls, items in by_class.items():
+        replies = cls.reply_many([e.env for e, _, _ in items], [text for _, _, text in items])
+        for (e, toks, text), reply in zip(items, replies):
+            if reply is None:
+                e.messages.append({"role": "assistant", "content": text})
+                e.done = True
+            else:
+                acted.append((e, toks, (text, [{"role": "user", "content": reply}])))
+    for e, toks, (text, new) in acted:
+        end_turn(e, toks, text, new, tokenizer, renderer, limits)
+
+
+def begin_turn(e: Episode, toks: list[int], finished: bool, tokenizer, limits: EpisodeLimits,
+               logprobs: list[float] | None = None):
+    """Append the policy's turn and act on its tool calls. -> None (the episode ended), ("tools",
+    (text, tool messages)) or ("user", text): the turn is for the user to answer."""
     room = limits.max_tokens - len(e.tokens)
     if logprobs is not None:
         e.engine_logp = (e.engine_logp if e.engine_logp is not None else [0.0] * len(e.tokens)) + list(logprobs[:room])
@@ -208,31 +235,31 @@ def take_turn(e: Episode, toks: list[int], finished: bool, tokenizer, renderer: 
         e.messages.append({"role": "assistant", "content": text})
         e.env.answer = text  # scored as it stands, as a truncated single-turn completion is
         e.truncated = True
-        return
+        return None
     calls, error = parse_tool_calls(text) if e.schemas else ([], None)
-    if calls or error:
-        results = []
-        if error:
-            results.append(error)
-            e.tool_errors += 1
-        for call in calls:
-            out, failed = e.env.run_tool(call)
-            e.env.tool_calls.append({**call, "ok": not failed, "result": out})
-            e.tool_calls += 1
-            e.tool_errors += int(failed)
-            results.append(out)
-        new = [{"role": "tool", "content": r} for r in results]
-        if e.tool_errors > limits.max_tool_errors or e.env.finished:
-            e.messages += [{"role": "assistant", "content": text}] + new
-            e.done = True
-            return
-    else:
-        reply = e.env.reply(text)
-        if reply is None:
-            e.messages.append({"role": "assistant", "content": text})
-            e.done = True
-            return
-        new = [{"role": "user", "content": reply}]
+    if not (calls or error):
+        return "user", text
+    results = []
+    if error:
+        results.append(error)
+        e.tool_errors += 1
+    for call in calls:
+        out, failed = e.env.run_tool(call)
+        e.env.tool_calls.append({**call, "ok": not failed, "result": out})
+        e.tool_calls += 1
+        e.tool_errors += int(failed)
+        results.append(out)
+    new = [{"role": "tool", "content": r} for r in results]
+    if e.tool_errors > limits.max_tool_errors or e.env.finished:
+        e.messages += [{"role": "assistant", "content": text}] + new
+        e.done = True
+        return None
+    return "tools", (text, new)
+
+
+def end_turn(e: Episode, toks: list[int], text: str, new: list[dict], tokenizer, renderer: ChatRenderer,
+             limits: EpisodeLimits) -> None:
+    """Append what answers the policy's turn (tool results or the user's reply), template glue included."""
     stop = tokenizer.convert_ids_to_tokens(toks[-1])
     ids = renderer.continuation_ids(e.messages, text, stop, new, e.schemas)
     e.messages += [{"role": "assistant", "content": text}] + new

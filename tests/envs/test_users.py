@@ -126,3 +126,36 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
 def test_bad_user_simulator_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         build_user_simulator(spec, "u")
+
+
+def test_local_model_user_answers_several_conversations_in_one_batch(tiny_chat_dir, monkeypatch):
+    """respond_all over three sessions of one local user: one sampler call for all three, the same
+    greedy replies as answering each alone, and each session's history is its own."""
+    import stagewise.rl.sampling as sampling
+    from stagewise.envs.users import respond_all
+
+    user = LocalModelUser(model=str(tiny_chat_dir), max_new_tokens=6, dtype="float32")
+    texts = ["Which flight?", "Your user id, please.", "Anything else I can do for you today?"]
+    alone = []
+    for t in texts:
+        s = user.session(system="You are a customer.", tools=[])
+        alone.append(s.respond(t))
+    calls = []
+    real = sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    sessions = [user.session(system="You are a customer.", tools=[]) for _ in texts]
+    together = respond_all(sessions, texts)
+    assert len(calls) == 1 and calls[0][0] == 3
+    assert together == alone
+    for s, t, turn in zip(sessions, texts, together):
+        assert s.history[1:] == [{"role": "user", "content": t}, {"role": "assistant", "content": turn["content"]}]
+
+
+def test_scripted_and_endpoint_sessions_answer_one_by_one_through_respond_all(server):
+    from stagewise.envs.users import respond_all
+
+    task = SimpleNamespace(evaluation_criteria=None, user_scenario=None)
+    scripted = ScriptedUser(replies=["Seven."], actions=False).session(system="", tools=[], task=task)
+    remote = EndpointUser(url=server).session(system="You are a customer.", tools=[])
+    assert respond_all([scripted, remote], ["Your id?", "Hello?"]) == [{"content": "Seven."},
+                                                                    {"content": "heard 2 messages"}]

@@ -197,6 +197,25 @@ def test_simulated_user_replies_continue_the_episode(tok):
     assert [m["role"] for m in e.messages[1:]] == ["assistant", "user", "assistant"]
 
 
+def test_a_turns_user_replies_are_asked_for_together(tok):
+    """Three episodes that each talk to the user twice: reply_many gets all three of a turn at once
+    (a model-backed user answers them in one batch); the episodes go on as with reply()."""
+    batches = []
+
+    class Batched(AskTwice):
+        @classmethod
+        def reply_many(cls, envs, texts):
+            batches.append(len(envs))
+            return super().reply_many(envs, texts)
+
+    tasks = [{"prompt": f"Say hi {i}."} for i in range(3)]
+    dom = Domain("ask", tasks, tasks, rewards=[("answers", 1.0)], metric=None, environment=Batched,
+                 reward_parts=("answers",))
+    eps = episodes(tok, lambda p: "hi", dom, tasks)
+    assert batches == [3, 3]
+    assert all(e.reward == 2.0 and e.turns == 2 and e.done for e in eps)
+
+
 def test_reward_names_must_be_parts_of_the_environment():
     with pytest.raises(ConfigError, match="reward parts are answers; unknown: correct"):
         Domain("ask", [{}], [{}], rewards=[("correct", 1.0)], metric=None, environment=AskTwice,

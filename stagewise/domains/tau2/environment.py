@@ -117,27 +117,53 @@ class Tau2Env(Environment):
         return result.content or "", bool(result.error)
 
     def reply(self, text: str) -> str | None:
-        from tau2.data_model.message import AssistantMessage, ToolCall, UserMessage
+        return self.reply_many([self], [text])[0]
 
-        self.answer = text
-        self.trajectory.append(AssistantMessage(role="assistant", content=text))
-        if self.ctx.solo:  # tau2's solo agent only calls tools
-            self.termination = "agent_error"
-            return None
-        turn = self.user.respond(text)
+    @classmethod
+    def reply_many(cls, envs: list["Tau2Env"], texts: list[str]) -> list[str | None]:
+        """The agent's messages to the customers of several episodes: the simulated users answer them
+        together (one batch for a local model), run their own device tool calls, and answer again."""
+        from tau2.data_model.message import AssistantMessage
+
+        from stagewise.envs.users import respond_all, tool_results_all
+
+        talking = []
+        for k, (env, text) in enumerate(zip(envs, texts)):
+            env.answer = text
+            env.trajectory.append(AssistantMessage(role="assistant", content=text))
+            if env.ctx.solo:  # tau2's solo agent only calls tools
+                env.termination = "agent_error"
+            else:
+                talking.append(k)
+        turns = dict(zip(talking, respond_all([envs[k].user for k in talking], [texts[k] for k in talking])))
         for _ in range(MAX_USER_TOOL_CALLS):
-            if not turn.get("tool_calls"):
+            calling = [k for k in talking if turns[k].get("tool_calls")]
+            if not calling:
                 break
-            results = []
-            for call in turn["tool_calls"]:
-                self.n_calls += 1
-                tc = ToolCall(id=f"call_{self.n_calls}", name=call["name"], arguments=call["arguments"],
-                              requestor="user")
-                result = self._execute(tc)
-                self.trajectory += [UserMessage(role="user", tool_calls=[tc]), result]
-                results.append(result.content or "")
-            turn = self.user.tool_results(results)
-        message = turn.get("content") or ""
+            results = [envs[k]._run_user_calls(turns[k]["tool_calls"]) for k in calling]
+            turns.update(zip(calling, tool_results_all([envs[k].user for k in calling], results)))
+        replies: list[str | None] = [None] * len(envs)
+        for k in talking:
+            replies[k] = envs[k]._hear(turns[k].get("content") or "")
+        return replies
+
+    def _run_user_calls(self, calls: list[dict]) -> list[str]:
+        """The user's own tool calls (telecom's device), run on the user's side; their results' texts."""
+        from tau2.data_model.message import ToolCall, UserMessage
+
+        results = []
+        for call in calls:
+            self.n_calls += 1
+            tc = ToolCall(id=f"call_{self.n_calls}", name=call["name"], arguments=call["arguments"], requestor="user")
+            result = self._execute(tc)
+            self.trajectory += [UserMessage(role="user", tool_calls=[tc]), result]
+            results.append(result.content or "")
+        return results
+
+    def _hear(self, message: str) -> str | None:
+        """The user's message: recorded; None if it ends the conversation."""
+        from tau2.data_model.message import UserMessage
+
         self.trajectory.append(UserMessage(role="user", content=message))
         if self._stops(message):
             self.termination = "user_stop"
