@@ -211,6 +211,9 @@ class EvalConfig(_Part):
     trials: int = Field(1, ge=1)
     # held-out loss / perplexity of every domain after every stage; None: when the run has an sft stage
     held_out_loss: bool | None = None
+    # what generates the evaluation episodes: local (our sampler) or vllm (rollout.vllm's options);
+    # None: as rollout.engine. Greedy numbers of the two differ in rounding, so compare like with like
+    engine: Literal["local", "vllm"] | None = None
 
 
 class LoggingConfig(_Part):
@@ -284,6 +287,11 @@ class RunConfig(_Part):
 
     def has_kind(self, kind: str) -> bool:
         return any(st.kind == kind for st in self.stages)
+
+    @property
+    def eval_engine(self) -> str:
+        """The engine evaluations generate with: eval.engine, else rollout.engine (a plugin engine: local)."""
+        return self.eval.engine or (self.rollout.engine if self.rollout.engine == "vllm" else "local")
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -414,6 +422,10 @@ def check_names(cfg: RunConfig) -> None:
             where = f"stages.{i}.rollout" if cfg.stages[i].rollout else "rollout"
             raise ConfigError(f"{where}.engine: unknown rollout engine {ro.engine!r} "
                               f"(known: {', '.join(names('rollout_engine'))})")
+    if cfg.eval_engine == "vllm":
+        from stagewise.rl.vllm_engine import require_vllm
+
+        require_vllm()
     for i, d in enumerate(cfg.domains):
         kind = d.type or d.name
         if ":" not in kind and kind not in names("domain"):

@@ -26,7 +26,8 @@ def evaluate_domain(model, tokenizer, domain: Domain, *, max_new_tokens: int, ba
                     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     all_done: Callable[[bool], bool] | None = None,
                     limits: EpisodeLimits | None = None, trials: int = 1, temperature: float = 1.0,
-                    seed: int = 0, prefix_cache_gib: float = 1.0) -> tuple[float, list[dict], dict[int, float]]:
+                    seed: int = 0, prefix_cache_gib: float = 1.0,
+                    engine=None) -> tuple[float, list[dict], dict[int, float]]:
     """Episodes on this process's share of ``domain.eval``; returns (global success rate = pass^1,
     samples, {k: pass^k for k = 1..trials}).
 
@@ -36,11 +37,13 @@ def evaluate_domain(model, tokenizer, domain: Domain, *, max_new_tokens: int, ba
     an environment's is run to the end (tools, user) under ``limits`` and counts when its metric part
     reaches 1.0. Every process runs the same number of batches (its share is padded with a repeat
     of the last example, not counted) so collectives inside generation stay in step across ranks.
+    engine: a rollout engine holding ``model``'s weights (vLLM); None: our sampler over ``model``.
     """
     examples = domain.eval[rank::world]
     per_batch = max(1, batch_size // trials)  # tasks per batch: batch_size episodes
     n_batches = -(-len(domain.eval[0::world]) // per_batch)
-    engine = LocalEngine(model, tokenizer, device=device, all_done=all_done, prefix_cache_gib=prefix_cache_gib)
+    if engine is None:
+        engine = LocalEngine(model, tokenizer, device=device, all_done=all_done, prefix_cache_gib=prefix_cache_gib)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=trials == 1, temperature=temperature,
                             stop_token_ids=tuple(eos_ids(tokenizer)))
     if limits is None or domain.environment is None:  # a single-turn task: one turn of max_new_tokens

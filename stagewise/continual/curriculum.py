@@ -75,6 +75,11 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
     reduce = lambda t: runtime.reduce_sum(t.to(state.device)).cpu()  # noqa: E731
     row, losses, samples, pass_k_logs = [], [], {}, {}
     t0 = time.time()
+    engine = None
+    if cfg.eval_engine == "vllm" and any(d.metric is not None for d in domains):
+        from stagewise.rl import vllm_engine
+
+        engine = vllm_engine.holding(weights_path, model, cfg.rollout.vllm, cfg.seed, state.device)
     for dom in domains:
         accuracy = None
         if dom.metric is not None:
@@ -85,7 +90,7 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
                 limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_tokens=cfg.rollout.max_episode_tokens,
                                      max_tool_errors=cfg.rollout.max_tool_errors),
                 trials=trials, temperature=cfg.rollout.temperature, seed=cfg.seed,
-                prefix_cache_gib=cfg.rollout.prefix_cache_gib)
+                prefix_cache_gib=cfg.rollout.prefix_cache_gib, engine=engine)
             if trials > 1:
                 pass_k_logs.update({f"eval/{dom.name}/pass^{k}": v for k, v in pass_k.items()})
         row.append(accuracy)
@@ -96,6 +101,8 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
                  **{f"eval_loss/{d.name}": x for d, x in zip(domains, losses) if x is not None},
                  **{f"eval_perplexity/{d.name}": math.exp(min(x, 50.0)) for d, x in zip(domains, losses) if x is not None},
                  **pass_k_logs, "eval_time": time.time() - t0}, step=step)
+    if engine is not None:
+        engine.sleep()
     shown = [f"{d.name} {a:.3f}" for d, a in zip(domains, row) if a is not None]
     shown += [f"{d.name} loss {x:.3f}" for d, x in zip(domains, losses) if x is not None]
     shown += [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in pass_k_logs.items() if not k.endswith("/pass^1")]

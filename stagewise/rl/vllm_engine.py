@@ -204,6 +204,16 @@ def process_engine(path: str, options, seed: int, device: torch.device) -> VLLME
     return _engine[0]
 
 
+def holding(path: str, model, options, seed: int, device: torch.device) -> VLLMEngine:
+    """This process's engine (built from ``path`` if it does not exist yet), awake and holding
+    ``model``'s weights: evaluations generate with it (``eval.engine: vllm``)."""
+    engine = process_engine(path, options, seed, device)
+    engine.wake_up()
+    with torch.no_grad():
+        engine.push((name, p.detach()) for name, p in model.named_parameters(remove_duplicate=False))
+    return engine
+
+
 def shutdown() -> None:
     """At the end of the run (every rank): vLLM's shutdown also leaves torch.distributed."""
     while _engine:
