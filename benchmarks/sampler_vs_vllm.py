@@ -129,6 +129,8 @@ def worker_grpo(a) -> dict:
             "train_s": sum(r["train_time"] for r in steps) / len(steps),
             "push_s": sum(r.get("weight_push_time", 0.0) for r in steps) / len(steps),
             "logp_gap": max((r.get("engine/logp_abs_diff", 0.0) for r in steps), default=0.0),
+            # what the training phase costs depends on what was sampled: the engines draw different completions
+            "completion_tokens": sum(r["completion_len_mean"] for r in steps) / len(steps),
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -167,11 +169,12 @@ def main() -> None:
               f"{r['tokens_per_s']:.0f} | {r['load_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     print(f"\nGRPO steps (make bench settings: 2 prompts x {G}, bf16 autocast + fp32 master weights), "
           f"{a.steps - 1} timed steps\n")
-    print("| engine | s/step | steps/s | generate s | train s | weight push s | max mean abs logp gap | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| engine | s/step | steps/s | generate s | train s | weight push s | mean completion tokens | "
+          "max mean abs logp gap | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for e, r in grpo.items():
         print(f"| {e} | {r['s_per_step']:.2f} | {r['steps_per_s']:.3f} | {r['gen_s']:.2f} | {r['train_s']:.2f} | "
-              f"{r['push_s']:.2f} | {r['logp_gap']:.4f} | {r['peak_rss_mb']:.0f} |")
+              f"{r['push_s']:.2f} | {r['completion_tokens']:.1f} | {r['logp_gap']:.4f} | {r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
