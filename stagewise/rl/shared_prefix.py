@@ -38,6 +38,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
         return out, lse.float()
+    return attend_math(q, k, v, scale, mask)
+
+
+def attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend`` in fp32 matmuls, for devices without a kernel that returns the log-sum-exp here."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask.float()

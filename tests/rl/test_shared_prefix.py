@@ -4,7 +4,7 @@ for long prompts with the same completions as the dense padded batch."""
 
 import torch
 
-from stagewise.rl.shared_prefix import SharedPrefixCache, attend
+from stagewise.rl.shared_prefix import SharedPrefixCache, attend, attend_math
 
 
 def _dense(q, k, v, scale):
@@ -62,10 +62,11 @@ def test_attend_returns_the_log_sum_exp():
     q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))
     mask = torch.zeros(2, 1, 1, 4)
     mask[0, ..., 3] = float("-inf")
-    out, lse = attend(q, k, v, 0.5, mask)
     s = (q @ k.transpose(-1, -2)) * 0.5 + mask
-    torch.testing.assert_close(lse, s.logsumexp(-1))
-    torch.testing.assert_close(out, s.softmax(-1) @ v)
+    for fn in (attend, attend_math):  # the CPU kernel, and the fp32 path other devices take
+        out, lse = fn(q, k, v, 0.5, mask)
+        torch.testing.assert_close(lse, s.logsumexp(-1))
+        torch.testing.assert_close(out, s.softmax(-1) @ v)
 
 
 def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatch):
