@@ -130,7 +130,8 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
         md += ["", "![SFT loss curves](sft_loss_curves.png)"]
     episode_rows = [r for r in rows if "episode/turns" in r]
     if episode_rows:
-        keys = ["episode/turns", "episode/tool_calls", "episode/tool_errors", "episode/policy_tokens", "truncated_frac"]
+        keys = ["episode/turns", "episode/tool_calls", "episode/tool_errors", "episode/policy_tokens",
+                "episode/prompt_tokens", "truncated_frac"]
         keys += sorted({k for r in episode_rows for k in r if k.startswith("reward/") and not k.endswith("_std")})
         md += ["", "## Multi-turn episodes (means per step: first → last)", "",
                "| stage | " + " | ".join(k.removeprefix("episode/") for k in keys) + " |", "|---|" + "---:|" * len(keys)]

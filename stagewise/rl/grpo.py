@@ -377,7 +377,7 @@ def train_grpo_stage(job: StageJob) -> dict:
             if ok.any():
                 part_means[f"reward/{name}"] = allv[ok].mean().item()
                 part_means[f"reward/{name}_std"] = allv[ok].std().item() if ok.sum() > 1 else 0.0
-        if multi_turn:  # per-episode means: turns, tool calls, tool errors, policy tokens
+        if multi_turn:  # per-episode means: turns, tool calls, tool errors, policy and prompt tokens
             for name, vals in batch.episode_stats.items():
                 part_means[f"episode/{name}"] = acc.gather(vals.to(acc.device)).cpu().mean().item()
         step_time = time.time() - t_start

@@ -92,7 +92,8 @@ def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch
     parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in known[id(e.domain)] else float("nan")
                               for e in eps]) for n in names}
     stats = {"turns": [e.turns for e in eps], "tool_calls": [e.tool_calls for e in eps],
-             "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps]}
+             "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps],
+             "prompt_tokens": [len(e.prompt) for e in eps]}  # tau2's system prompt + tools: thousands
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
                         completion_mask=cmask.to(device), policy_mask=pmask.to(device),
                         engine_logp=None if elogp is None else elogp.to(device),

@@ -25,10 +25,17 @@ def test_multi_turn_stage_trains_on_policy_tokens_only(tiny_chat_dir, tmp_path):
     run_curriculum(cfg)
     rows = steps_of(tmp_path / "mt")
     assert len(rows) == 4
+    from stagewise.models import load_tokenizer
+    from stagewise.rl.episodes import ChatRenderer
+
+    renderer = ChatRenderer(load_tokenizer(str(tiny_chat_dir)))
+    prompt_lengths = [len(renderer.opening_ids([{"role": "user", "content": f"Say seven {i} times."}], []))
+                      for i in range(1, 40)]
     for r in rows:  # every episode ran its three turns of 1-4 policy tokens
         assert r["episode/turns"] == 3.0 and 3.0 <= r["episode/policy_tokens"] <= 12.0
         assert r["completion_len_mean"] > r["episode/policy_tokens"]  # user replies are in the sequence
         assert r["episode/tool_calls"] == 0.0 and r["truncated_frac"] == 0.0 and r["reward_std"] > 0
+        assert min(prompt_lengths) <= r["episode/prompt_tokens"] <= max(prompt_lengths)
     dumped = [json.loads(x) for x in (tmp_path / "mt" / "rollouts.jsonl").read_text().splitlines()]
     assert len(dumped) == 4 * 8 and all(d["completion"].count("[user] More ") == 2 for d in dumped)
     report = (tmp_path / "mt" / "report.md").read_text()
