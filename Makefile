@@ -35,6 +35,7 @@ tool-demo: $(STAMP)
 	$(BIN)/stagewise run configs/tool_calculator.yaml --overwrite
 
 test: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs tests
 
 bench: $(STAMP)
@@ -49,7 +50,7 @@ bench-sft: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/sft_vs_trl.py
 
-# the seeds' SFT ablation (profile / history fields), offline on the bundled model
+# the reference SFT ablation (profile / history fields), offline on the bundled model
 sft-sweep: $(STAMP)
 	$(BIN)/python examples/profile_history/make_data.py --out runs/data/profile_history.jsonl
 	$(BIN)/stagewise sweep configs/sft_profile_history.yaml

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def prompts(n: int) -> list[dict]:
+    import stagewise.builtins  # noqa: F401  (the built-in domains)
     from stagewise.config import DomainSpec
-    from stagewise.domains import build_domain
+    from stagewise.domains.base import build_domain
 
     dom = build_domain(DomainSpec(name="max", eval_size=10), seed=0)
     return dom.train[:n]
@@ -142,10 +143,10 @@ def worker_floor(a) -> dict:
     import contextlib
 
     import torch
-
-    from stagewise.models import load_tokenizer, resolve_model_path
-    from stagewise.rl.prompts import encode_prompts
     from transformers import AutoModelForCausalLM
+
+    from stagewise.generation.chat_template import as_messages, render
+    from stagewise.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path("bundled:smollm2-135m-instruct")
     tok = load_tokenizer(path)
@@ -157,7 +158,10 @@ def worker_floor(a) -> dict:
     res = []
     for s in range(a.steps):
         batch = [e["prompt"] for e in exs[s * a.prompts:(s + 1) * a.prompts] for _ in range(a.G)]
-        ids, mask = encode_prompts(tok, batch)
+        tok.padding_side = "left"
+        enc = tok([render(tok, as_messages(p), add_generation_prompt=True) for p in batch], return_tensors="pt",
+                  padding=True, add_special_tokens=False)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         t0 = time.time()
         model.eval()
         with torch.no_grad(), ctx():

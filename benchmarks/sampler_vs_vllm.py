@@ -43,27 +43,28 @@ def policy_text(n_rules: int = 60) -> str:
 
 
 def workload(name: str, tok) -> list[list[int]]:
+    import stagewise.builtins  # noqa: F401  (the built-in domains)
     from stagewise.config import DomainSpec
-    from stagewise.domains import build_domain
-    from stagewise.rl.prompts import render
+    from stagewise.domains.base import build_domain
+    from stagewise.generation.chat_template import render
 
     if name == "short":
         dom = build_domain(DomainSpec(name="max", eval_size=10), seed=0)
-        texts = [render(tok, [{"role": "user", "content": e["prompt"]}]) for e in dom.train[:2]]
+        texts = [render(tok, [{"role": "user", "content": e["prompt"]}], add_generation_prompt=True)
+                 for e in dom.train[:2]]
     else:
         system = policy_text()
         questions = ["Can I change my flight?", "I lost my bag.", "Cancel my booking, please.", "Upgrade me."]
-        texts = [render(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
-                 for q in questions]
+        texts = [render(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                        add_generation_prompt=True) for q in questions]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def worker_generate(a) -> dict:
     import torch
 
+    from stagewise.generation.engines import LocalGenerator, SamplingParams
     from stagewise.models import load_tokenizer, resolve_model_path
-    from stagewise.rl.engines import LocalEngine, SamplingParams
-    from stagewise.rl.episodes import GOLDEN
 
     path = resolve_model_path("bundled:smollm2-135m-instruct")
     tok = load_tokenizer(path)
@@ -74,16 +75,16 @@ def worker_generate(a) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-        engine = LocalEngine(model, tok, device="cpu")
+        engine = LocalGenerator(model, tok, device="cpu")
     else:
         from stagewise.config import VLLMOptions
-        from stagewise.rl.vllm_engine import VLLMEngine
+        from stagewise.generation.vllm_engine import VLLMEngine
 
         engine = VLLMEngine(path, options=VLLMOptions(), seed=0, device=torch.device("cpu"))
     load_s = time.time() - t0
     times, tokens = [], 0
     for r in range(a.repeats + 1):
-        seeds = [(r * 1000 + i) * GOLDEN % 2**61 for i in range(len(prompts) * G)]
+        seeds = [(r * 1000 + i) * 0x9E3779B97F4A7C15 % 2**61 for i in range(len(prompts) * G)]
         t0 = time.time()
         with torch.no_grad():
             out = engine.generate(prompts, n=G, seeds=seeds, params=params)
@@ -91,8 +92,9 @@ def worker_generate(a) -> dict:
             times.append(time.time() - t0)
             tokens += sum(len(t) for t in out.tokens)
     n = len(prompts) * G * len(times)
-    return {"completions_per_s": n / sum(times), "tokens_per_s": tokens / sum(times), "s_per_batch": sum(times) / len(times),
-            "load_s": load_s, "prompt_tokens": sum(len(p) for p in prompts) // len(prompts), "peak_rss_mb": peak_rss_mb()}
+    return {"completions_per_s": n / sum(times), "tokens_per_s": tokens / sum(times),
+            "s_per_batch": sum(times) / len(times), "load_s": load_s,
+            "prompt_tokens": sum(len(p) for p in prompts) // len(prompts), "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_grpo(a) -> dict:
@@ -136,7 +138,8 @@ def worker_grpo(a) -> dict:
 
 def run(worker: str, **kw) -> dict:
     out = tempfile.mktemp(suffix=".json")
-    cmd = [sys.executable, __file__, "--worker", worker, "--out", out] + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+    cmd = [sys.executable, __file__, "--worker", worker, "--out", out] + [
+        x for k, v in kw.items() for x in (f"--{k}", str(v))]
     print(f"[bench] {worker} {kw} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -46,7 +46,7 @@ def records(n: int) -> list[dict]:
 
 
 def conversations(n: int) -> list[tuple[list[dict], str]]:
-    from stagewise.sft.data import RecordFormat, to_conversation
+    from stagewise.data.records import RecordFormat, to_conversation
 
     fmt = RecordFormat(prompt_template=TEMPLATE, response_field="response", system=SYSTEM)
     out = []

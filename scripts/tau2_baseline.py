@@ -20,12 +20,15 @@ import time
 
 import torch
 
+import stagewise.builtins  # noqa: F401  (the tau2 domains)
 from stagewise.config import DomainSpec
 from stagewise.domains.base import build_domain
 from stagewise.errors import ConfigError
 from stagewise.evaluation import evaluate_domain
+from stagewise.generation.chat_template import ChatRenderer
+from stagewise.generation.engines import LocalGenerator
 from stagewise.models import load_tokenizer, resolve_model_path
-from stagewise.rl.episodes import ChatRenderer, EpisodeLimits
+from stagewise.rl.episodes import EpisodeLimits
 
 
 def main() -> None:
@@ -50,7 +53,7 @@ def main() -> None:
     engine = None
     if args.engine == "vllm":
         from stagewise.config import VLLMOptions
-        from stagewise.rl.vllm_engine import VLLMEngine
+        from stagewise.generation.vllm_engine import VLLMEngine
 
         engine = VLLMEngine(path, options=VLLMOptions(), seed=0, device=torch.device("cpu"))
     limits = EpisodeLimits(max_turns=args.max_turns, max_tokens=args.max_episode_tokens, max_tool_errors=10)
@@ -68,8 +71,9 @@ def main() -> None:
         t0 = time.time()
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                rate, samples, _ = evaluate_domain(model, tok, dom, max_new_tokens=args.max_new_tokens,
-                                                batch_size=args.batch_size, limits=limits, engine=engine)
+                generator = engine if engine is not None else LocalGenerator(model, tok, device="cpu")
+                rate, samples, _ = evaluate_domain(generator, tok, dom, max_new_tokens=args.max_new_tokens,
+                                                   batch_size=args.batch_size, limits=limits)
         except ConfigError as e:
             rows.append((label, len(dom.eval), prompt_len, "does not fit", "", f"{time.time() - t0:.0f}"))
             print(f"{name}: {e}", flush=True)
@@ -79,7 +83,8 @@ def main() -> None:
         print(f"{name}: pass^1 {rate:.3f} over {len(dom.eval)} tasks, {time.time() - t0:.0f} s", flush=True)
         for s in samples[:1]:
             print("  sample:", s["completion"][:600].replace("\n", " | "))
-    print("\n| domain | test tasks | prompt tokens | pass^1 | agent turns (first 5) | seconds |\n|---|---|---|---|---|---|")
+    print("\n| domain | test tasks | prompt tokens | pass^1 | agent turns (first 5) | seconds |"
+          "\n|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
 

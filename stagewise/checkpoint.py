@@ -72,9 +72,8 @@ def checkpoint_problem(path: Path) -> str | None:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__})"
-    if isinstance(files, list):  # written before checksums were recorded: names only
-        missing = [f for f in files if not (path / f).exists()]
-        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict):
+        return f"{MANIFEST} lists no file table"
     for rel, meta in files.items():
         p = path / rel
         if not p.is_file():
@@ -99,18 +98,18 @@ def latest_checkpoint(root: str | Path, quiet: bool = False) -> Path | None:
     return None
 
 
-def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_last: int = 2,
+def save_checkpoint(strategy, root: str | Path, step: int, manifest: dict, keep_last: int = 2,
                     counters: Counters | None = None) -> Path:
     """Collective: every process must call it. Returns the final directory. The counters go into the
     manifest (JSON), not into a pickle: accelerate loads registered objects with weights_only=False."""
-    accelerator = engine.acc
+    accelerator = strategy.acc
     base = Path(root) / "checkpoints"
     final, tmp = base / f"step-{step}", base / f".tmp-step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    engine.save_state(tmp)
+    strategy.save_state(tmp)
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     faults.maybe_kill("ckpt_state", step=step, rank=rank)
@@ -128,10 +127,11 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
         except OSError as e:
             error = f"{e.strerror or e}"
     # every rank learns whether the main process could finish the checkpoint, so all stop together
-    from stagewise.parallel import runtime
     import torch
 
-    failed = runtime.reduce_sum(torch.tensor([float(error is not None)], device=accelerator.device)).item() > 0
+    from stagewise.parallel.collectives import reduce_sum
+
+    failed = reduce_sum(torch.tensor([float(error is not None)], device=accelerator.device)).item() > 0
     if failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,18 +152,18 @@ def save_checkpoint(engine, root: str | Path, step: int, manifest: dict, keep_la
     return final
 
 
-def load_checkpoint(engine, path: str | Path, counters: Counters | None = None) -> dict:
+def load_checkpoint(strategy, path: str | Path, counters: Counters | None = None) -> dict:
     """Collective. Restores everything save_checkpoint saved; returns the manifest."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
-    if manifest.get("num_processes", engine.acc.num_processes) != engine.acc.num_processes:
+    if manifest.get("num_processes", strategy.acc.num_processes) != strategy.acc.num_processes:
         from stagewise.errors import StagewiseError
 
         raise StagewiseError(f"{path}: saved with {manifest['num_processes']} processes, resuming with "
-                             f"{engine.acc.num_processes}; resume with the same number")
+                             f"{strategy.acc.num_processes}; resume with the same number")
     import pickle
 
     try:
-        engine.load_state(path)
+        strategy.load_state(path)
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a Python object it will not build
         from stagewise.errors import StagewiseError
 
@@ -175,32 +175,33 @@ def load_checkpoint(engine, path: str | Path, counters: Counters | None = None) 
     return manifest
 
 
-def export_model(engine, tokenizer, out_dir: str | Path, *, init_path: str, model_cfg, extra: dict | None = None) -> Path:
+def export_model(strategy, tokenizer, out_dir: str | Path, *, init_path: str, model_cfg,
+                 extra: dict | None = None) -> Path:
     """Collective. Write a plain HF model dir (loadable by AutoModelForCausalLM.from_pretrained).
 
-    The weights are the fp32 master weights under every strategy (``engine.full_state_dict``), so a
+    The weights are the fp32 master weights under every strategy (``strategy.full_state_dict``), so a
     stage hands the next one exactly what it trained, whether it ran single, DDP, ZeRO or FSDP.
     LoRA: the adapters are merged into the stage's starting weights re-read from ``init_path`` in
     fp32 (the frozen base weights inside a bf16 DeepSpeed engine are bf16 copies).
     """
     out = Path(out_dir)
-    state_dict = engine.full_state_dict()
-    if engine.acc.is_main_process:
+    state_dict = strategy.full_state_dict()
+    if strategy.acc.is_main_process:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if engine.is_lora:
+        if strategy.is_lora:
             merge_lora(init_path, model_cfg, state_dict).save_pretrained(tmp, safe_serialization=True)
         else:
-            if getattr(engine.lm.config, "tie_word_embeddings", False):
+            if getattr(strategy.lm.config, "tie_word_embeddings", False):
                 state_dict.pop("lm_head.weight", None)  # tied: a full (gathered) state dict holds it twice
-            engine.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            strategy.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             _record_dtype(tmp, state_dict)
         tokenizer.save_pretrained(tmp)
-        faults.maybe_kill("export", stage=int((extra or {}).get("stage", -1)) + 1, rank=engine.acc.process_index)
+        faults.maybe_kill("export", stage=int((extra or {}).get("stage", -1)) + 1, rank=strategy.acc.process_index)
         (tmp / "stagewise.json").write_text(json.dumps({"exported_at": time.time(), **(extra or {})}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    engine.acc.wait_for_everyone()
+    strategy.acc.wait_for_everyone()
     return out
 
 
@@ -211,7 +212,8 @@ def merge_lora(init_path: str, model_cfg, state_dict: dict):
     from stagewise.models import load_model, replicated_init
 
     with replicated_init():
-        model = load_model(init_path, model_cfg.model_copy(update={"gradient_checkpointing": False}), dtype=torch.float32)
+        model = load_model(init_path, model_cfg.model_copy(update={"gradient_checkpointing": False}),
+                           dtype=torch.float32)
     adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
     missing = [k for k in model.state_dict() if "lora_" in k and k not in adapters]
     if not adapters or missing:

@@ -74,8 +74,14 @@ def _report(args) -> int:
 
 
 def _launch(args) -> int:
-    from stagewise.parallel.launch import build_launch_command, run_command
+    from stagewise.config import load_config
+    from stagewise.continual.preflight import check_config
+    from stagewise.parallel.launch import build_launch_command, launch_overrides, run_command
 
+    # the config the ranks will run, checked here for their number: a bad name or shape stops now,
+    # not once every process has imported torch
+    cfg = load_config(args.config, launch_overrides(args), _flag_value(args.rest, "--ablation"))
+    check_config(cfg, args.num_processes * args.num_machines)
     cmd, env = build_launch_command(args)
     if args.dry_run:
         import shlex
@@ -83,6 +89,17 @@ def _launch(args) -> int:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
         return 0
     return run_command(cmd, env)
+
+
+def _flag_value(rest: list[str] | None, flag: str) -> str | None:
+    """The value of ``flag`` among the run flags passed through (``--ablation x`` or ``--ablation=x``)."""
+    rest = rest or []
+    for k, item in enumerate(rest):
+        if item == flag and k + 1 < len(rest):
+            return rest[k + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return None
 
 
 def _slurm(args) -> int:

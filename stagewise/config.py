@@ -7,6 +7,9 @@ Order of application: the YAML file, then the ablation's override set, then the 
 Every part is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
 out-of-range value raises ``ConfigError`` whose message names the dotted field and the problem.
 The resolved config (what actually ran) is written to ``output_dir/config.yaml``.
+
+This module is a leaf (it imports nothing of stagewise but ``errors``): names chosen from a registry
+(stage kinds, losses, domain types, ...) are checked by ``continual/preflight.py``, before any model loads.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class RolloutConfig(_Part):
     engine: str = "local"
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     # Weights the local engine samples with: "policy" decodes with the training module itself;
-    # "bf16_copy" a bf16 copy refreshed after each optimizer step (faster on CPU/GPU, not with ZeRO-3).
+    # "bf16_copy" a bf16 copy filled from the current weights for each rollout phase and freed after it
+    # (faster on CPU/GPU; single / DDP only); "auto": the copy where it can stand in, else the policy.
     weights: Literal["auto", "policy", "bf16_copy"] = "auto"
     # local engine: long prompts' KV caches kept within a rollout phase / an evaluation (GiB per
     # process; 0 = off), so multi-turn episodes and shared system prompts are not prefilled again
@@ -116,6 +120,11 @@ class GRPOConfig(_Part):
     # engines that report log-probs (vllm): weight each token's loss by min(pi_trainer / pi_engine,
     # tis_cap), the truncated importance-sampling correction of the engine/trainer mismatch; None: off
     tis_cap: float | None = Field(None, gt=0)
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip range: epsilon_high, else epsilon (a symmetric clip)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 class SFTConfig(_Part):
@@ -198,7 +207,8 @@ class StageConfig(_Part):
     def _one_length(self) -> StageConfig:
         given = [k for k in ("steps", "tasks_per_domain", "epochs") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of steps, tasks_per_domain (grpo) or epochs (sft); got {given or 'none'}")
+            raise ValueError(f"give exactly one of steps, tasks_per_domain (grpo) or epochs (sft); "
+                             f"got {given or 'none'}")
         return self
 
 
@@ -369,7 +379,8 @@ def resolve_raw(raw: dict, overrides: list[str] = (), ablation: str | None = Non
         if not isinstance(ablations, dict):
             raise ConfigError(f"ablations: expected a mapping of name -> overrides, got {type(ablations).__name__}")
         if ablation not in ablations:
-            raise ConfigError(f"ablation: unknown ablation {ablation!r} (defined: {sorted(map(str, ablations)) or 'none'})")
+            raise ConfigError(f"ablation: unknown ablation {ablation!r} "
+                              f"(defined: {sorted(map(str, ablations)) or 'none'})")
         if not isinstance(ablations[ablation] or {}, dict):
             raise ConfigError(f"ablations.{ablation}: expected a mapping of dotted keys -> values")
         for key, value in _flatten(ablations[ablation] or {}):
@@ -390,55 +401,6 @@ def validate(raw: dict) -> RunConfig:
         raise ConfigError(_first_error(e)) from None
 
 
-def check_names(cfg: RunConfig) -> None:
-    """Every registry name the config uses exists: advantages, losses, rewards, domain types. Runs
-    when the config is loaded, before any model, so a typo costs a second, not a model load.
-    Plugins are imported first: they may register more names."""
-    import importlib
-
-    from stagewise import rewards  # noqa: F401  (registers the built-ins)
-    from stagewise import domains  # noqa: F401
-    from stagewise.registry import names
-    from stagewise.rl import advantages, engines, losses  # noqa: F401
-
-    for i, mod in enumerate(cfg.plugins):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # a plugin that fails to import is the user's error, named as such
-            raise ConfigError(f"plugins.{i}: cannot import {mod!r} ({type(e).__name__}: {e})") from None
-    from stagewise import stages  # noqa: F401  (registers the stage kinds)
-
-    for i, st in enumerate(cfg.stages):
-        if st.kind not in names("stage"):
-            raise ConfigError(f"stages.{i}.kind: unknown stage kind {st.kind!r} (known: {', '.join(names('stage'))})")
-    for i in range(len(cfg.stages)):
-        g = cfg.stage_part(i, "grpo")
-        where = f"stages.{i}.grpo" if cfg.stages[i].grpo else "grpo"
-        for kind, name in (("advantage", g.advantage), ("loss", g.loss)):
-            if name not in names(kind):
-                raise ConfigError(f"{where}.{kind}: unknown {kind} {name!r} (known: {', '.join(names(kind))})")
-        ro = cfg.stage_part(i, "rollout")
-        if ro.engine not in names("rollout_engine"):
-            where = f"stages.{i}.rollout" if cfg.stages[i].rollout else "rollout"
-            raise ConfigError(f"{where}.engine: unknown rollout engine {ro.engine!r} "
-                              f"(known: {', '.join(names('rollout_engine'))})")
-    if cfg.eval_engine == "vllm":
-        from stagewise.rl.vllm_engine import require_vllm
-
-        require_vllm()
-    for i, d in enumerate(cfg.domains):
-        kind = d.type or d.name
-        if ":" not in kind and kind not in names("domain"):
-            raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
-                              f"or 'module:function' for a plugin)")
-        for j, r in enumerate(d.rewards or []):
-            if kind in names("environment_domain"):  # reward parts of an environment: checked when it is built
-                break
-            if r.name not in names("reward"):
-                raise ConfigError(f"domains.{i}.rewards.{j}.name: unknown reward {r.name!r} "
-                                  f"(known: {', '.join(names('reward'))})")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = (), ablation: str | None = None,
                 raw: dict | None = None) -> RunConfig:
     if raw is None:
@@ -449,9 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), ablat
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = validate(resolve_raw(raw, overrides, ablation))
-    check_names(cfg)
-    return cfg
+    return validate(resolve_raw(raw, overrides, ablation))
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

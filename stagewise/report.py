@@ -84,7 +84,8 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
         metrics = continual_metrics(R, own) if has_acc else None
         lossm = loss_metrics(L, own) if has_loss else None
     rows = read_metrics(out)
-    has_curve = plot_curves(rows, "reward", "mean reward (weighted sum)", "GRPO reward per step", out / "reward_curves.png")
+    has_curve = plot_curves(rows, "reward", "mean reward (weighted sum)", "GRPO reward per step",
+                            out / "reward_curves.png")
     has_loss_curve = plot_curves([r for r in rows if "reward" not in r], "loss", "token-mean NLL",
                                  "SFT training loss per step", out / "sft_loss_curves.png")
     if has_acc:
@@ -116,7 +117,8 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
         md += [f"| {k} | {v:+.3f} |" if v is not None else f"| {k} | n/a |" for k, v in metrics.items()]
         md += ["", "ACC, BWT, FWT as in GEM (Lopez-Paz & Ranzato 2017) with the base row as b; forgetting as in "
                "Chaudhry et al. 2018; plasticity = mean of R[i, i].", ""]
-    md += ["## Stages", "", "| stage | kind | domains | steps | seconds | first | last (reward for grpo, loss for sft) |",
+    md += ["## Stages", "",
+           "| stage | kind | domains | steps | seconds | first | last (reward for grpo, loss for sft) |",
            "|---|---|---|---:|---:|---:|---:|"]
     for i, s in enumerate(cfg.stages):
         res = state.get("stage_results", {}).get(str(i + 1))
@@ -134,11 +136,12 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
                 "episode/prompt_tokens", "truncated_frac"]
         keys += sorted({k for r in episode_rows for k in r if k.startswith("reward/") and not k.endswith("_std")})
         md += ["", "## Multi-turn episodes (means per step: first → last)", "",
-               "| stage | " + " | ".join(k.removeprefix("episode/") for k in keys) + " |", "|---|" + "---:|" * len(keys)]
-        for st in sorted({r["stage"] for r in episode_rows}):
-            mine = [r for r in episode_rows if r["stage"] == st]
-            cell = lambda k: f"{mine[0].get(k, float('nan')):.2f} → {mine[-1].get(k, float('nan')):.2f}"  # noqa: E731
-            md.append(f"| {st} | " + " | ".join(cell(k) for k in keys) + " |")
+               "| stage | " + " | ".join(k.removeprefix("episode/") for k in keys) + " |",
+               "|---|" + "---:|" * len(keys)]
+        for stage in sorted({r["stage"] for r in episode_rows}):
+            mine = [r for r in episode_rows if r["stage"] == stage]
+            cells = [f"{mine[0].get(k, float('nan')):.2f} → {mine[-1].get(k, float('nan')):.2f}" for k in keys]
+            md.append(f"| {stage} | " + " | ".join(cells) + " |")
     md += ["", "## Sample completions (greedy)", ""]
     conversations = {}  # multi-turn domains: the last evaluation's first episode, shown whole below
     for label, by_dom in state.get("samples", {}).items():
@@ -148,8 +151,8 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
                 mark = "correct" if s["correct"] else "wrong"
                 if s.get("turns", 1) > 1 or s["completion"].startswith("[assistant]"):
                     conversations[dom] = (label, prompt, s, mark)
-                md.append(f"- *{label}*, {dom}: `{prompt}` → `{s['completion'].strip()[:80]}` ({mark}, answer {s['answer']})"
-                          .replace("\n", " "))
+                md.append(f"- *{label}*, {dom}: `{prompt}` → `{s['completion'].strip()[:80]}` "
+                          f"({mark}, answer {s['answer']})".replace("\n", " "))
     if conversations:
         md += ["", "## Sample conversations (greedy, held-out task, last evaluation)", ""]
         for dom, (label, prompt, s, mark) in conversations.items():
@@ -159,3 +162,26 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def print_matrix(cfg, names: list[str], present: list[int], rows: list[list], metrics: dict | None,
+                 losses: list | None = None) -> None:
+    """The accuracy (and held-out loss) matrix as terminal tables, then the continual-learning metrics."""
+    from rich.table import Table
+
+    from stagewise.tracking import print0, show0
+
+    labels = ["base"] + [f"stage {i + 1} ({'+'.join(s.domains)})" for i, s in enumerate(cfg.stages)]
+    for title, table_rows in (("accuracy matrix R (greedy, held-out)", rows),
+                              ("held-out loss L (assistant tokens, mean NLL)", losses or [])):
+        if not any(x is not None for row in table_rows if row for x in row):
+            continue
+        t = Table(title=title)
+        t.add_column("after")
+        for n in names:
+            t.add_column(n, justify="right")
+        for lab, row in zip([labels[k] for k in present], table_rows):
+            t.add_row(lab, *("-" if x is None else f"{x:.3f}" for x in (row or [None] * len(names))))
+        show0(t)
+    if metrics:
+        print0("  ".join(f"{k} {v:+.3f}" if v is not None else f"{k} n/a" for k, v in metrics.items()))

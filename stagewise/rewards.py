@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-from stagewise.registry import register
-
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -21,46 +19,39 @@ def normalise(text: str) -> str:
     return text.strip().strip(".!").strip().lower()
 
 
-@register("reward", "last_number")
 def last_number(text: str, example: dict) -> float:
     """1.0 when the last number in the completion equals the numeric answer."""
     nums = numbers_in(text)
     return float(bool(nums) and abs(nums[-1] - float(example["answer"])) < 1e-6)
 
 
-@register("reward", "numeric")
 def numeric(text: str, example: dict) -> float:
     """1.0 when the completion holds exactly one number and it equals the answer."""
     nums = numbers_in(text)
     return float(len(nums) == 1 and abs(nums[0] - float(example["answer"])) < 1e-6)
 
 
-@register("reward", "exact")
 def exact(text: str, example: dict) -> float:
     """1.0 when the completion, stripped of spaces, case and a final period, equals the answer."""
     return float(normalise(text) == normalise(str(example["answer"])))
 
 
-@register("reward", "contains")
 def contains(text: str, example: dict) -> float:
     """1.0 when the answer appears in the completion (case-insensitive)."""
     return float(normalise(str(example["answer"])) in text.lower())
 
 
-@register("reward", "regex")
 def regex(text: str, example: dict) -> float:
     """1.0 when ``example['answer']`` (a regular expression) matches somewhere in the completion."""
     return float(re.search(str(example["answer"]), text) is not None)
 
 
-@register("reward", "concise")
 def concise(text: str, example: dict) -> float:
     """Shaping: 1.0 for an answer of at most 6 words, decaying to 0 at 30 words."""
     n = len(text.split())
     return float(max(0.0, min(1.0, (30 - n) / 24)))
 
 
-@register("reward", "only_answer")
 def only_answer(text: str, example: dict) -> float:
     """1.0 when the answer appears and no other candidate (``example['options']``) does.
 

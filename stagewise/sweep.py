@@ -49,13 +49,17 @@ def finished(out: Path, n_stages: int) -> bool:
 
 
 def run_sweep(config_path: str | Path, overrides: list[str] = (), only: list[str] | None = None) -> Path:
-    from stagewise.continual.curriculum import holds_run, run_curriculum
+    from stagewise.continual.curriculum import run_curriculum
+    from stagewise.continual.preflight import check_config
+    from stagewise.continual.run_dir import holds_run
+    from stagewise.parallel.runtime import world_size_from_env
 
     names = ablation_names(config_path, only)
-    base = load_config(config_path, overrides)  # every ablation is validated before the first one runs
+    base = load_config(config_path, overrides)
     cfgs = {}
-    for name in names:
+    for name in names:  # every ablation is checked before the first one runs
         cfg = load_config(config_path, overrides, ablation=name)
+        check_config(cfg, world_size_from_env())
         if cfg.output_dir == base.output_dir:
             cfg = cfg.model_copy(update={"output_dir": str(Path(base.output_dir) / name)})
         cfgs[name] = cfg

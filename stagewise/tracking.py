@@ -34,15 +34,22 @@ def is_main() -> bool:
 
         if PartialState._shared_state:
             return PartialState().is_main_process
-    except Exception:  # accelerate not initialised yet
+    except Exception:  # noqa: BLE001  (accelerate not initialised yet)
         pass
     return rank() == 0
 
 
 def print0(*args, **kwargs) -> None:
+    """Print on the main process only (plain text: no rich markup)."""
     if is_main():
         kwargs.setdefault("markup", False)
         _console.print(*args, **kwargs)
+
+
+def show0(*renderables) -> None:
+    """Print rich renderables (tables) on the main process only."""
+    if is_main():
+        _console.print(*renderables)
 
 
 def _clean(metrics: dict) -> dict:
@@ -71,7 +78,7 @@ class Tracker:
                 self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
                 if config:
                     self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(config).items()))
-            except Exception as e:  # tensorboard missing or unwritable: keep training, say why
+            except Exception as e:  # noqa: BLE001  (tensorboard missing or unwritable: keep training, say why)
                 print0(f"[stagewise] TensorBoard disabled: {e}")
 
     def log(self, metrics: dict, step: int | None = None) -> None:
@@ -167,7 +174,8 @@ class StepProgress:
         if self.plain:
             return
         if self.on:
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=_console, transient=False)
             self.task = self.bar.add_task(description, total=total, completed=start, info="")

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import stagewise.builtins  # noqa: E402,F401  (every built-in registry name, as a run has them)
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}A:{% endif %}")
 # a role-tagged, prefix-preserving template (ChatML-like) for SFT: each turn ends with <eos>

@@ -36,3 +36,37 @@ def load_weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def load_model_and_tokenizer(cfg, path=None):
+    """A model config's model and tokenizer (the bundled model when cfg says so)."""
+    from stagewise.models import load_model, load_tokenizer, resolve_model_path
+
+    path = path or resolve_model_path(cfg.name_or_path)
+    return load_model(path, cfg), load_tokenizer(path, cfg.trust_remote_code)
+
+
+def encode_prompts(tokenizer, prompts: list, device="cpu"):
+    """Prompts (strings or chat messages) -> prompt_ids (N, P) left-padded, prompt_mask (N, P)."""
+    from stagewise.generation.chat_template import as_messages, render
+
+    texts = [render(tokenizer, as_messages(p), add_generation_prompt=True) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def correct(domain, text: str, example: dict) -> bool:
+    """Whether a single-turn completion counts as correct for the domain's accuracy metric."""
+    return domain.reward_fns[domain.metric](text, example) >= 1.0
+
+
+def local_generator(model, tokenizer, **kw):
+    """Our sampler over a model as a rollout generator (what LocalEngine yields), on the CPU."""
+    from stagewise.generation.engines import LocalGenerator
+
+    return LocalGenerator(model, tokenizer, device=kw.pop("device", "cpu"), **kw)

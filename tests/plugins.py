@@ -14,7 +14,7 @@ def sevens(text: str, example: dict) -> float:
 from stagewise.config import DomainSpec  # noqa: E402
 from stagewise.domains.base import Domain, split_items  # noqa: E402
 from stagewise.envs.base import Environment  # noqa: E402
-from stagewise.rl.engines import Generation, LocalEngine  # noqa: E402
+from stagewise.generation.engines import Generation, LocalEngine, LocalGenerator  # noqa: E402
 
 
 class AsciiChat(Environment):
@@ -32,7 +32,6 @@ class AsciiChat(Environment):
         return {"ascii": sum(ch.isascii() for ch in text) / max(len(text), 1)}
 
 
-@register("environment_domain", "ascii_chat")
 @register("domain", "ascii_chat")
 def ascii_chat(spec: DomainSpec, seed: int) -> Domain:
     train, held = split_items(list(range(1, 40)), spec.eval_size, spec.train_size, seed, spec.name)
@@ -43,7 +42,7 @@ def ascii_chat(spec: DomainSpec, seed: int) -> Domain:
                   metric=None, environment=AsciiChat, reward_parts=AsciiChat.reward_parts)
 
 
-class ShortTurns(LocalEngine):
+class ShortTurnsGenerator(LocalGenerator):
     """Our sampler, but a turn that reaches max_new_tokens is closed with the stop token (as if the
     policy had ended it): a random tiny model then has real multi-turn episodes."""
 
@@ -54,4 +53,61 @@ class ShortTurns(LocalEngine):
                           [True] * len(out.tokens))
 
 
+class ShortTurns(LocalEngine):
+    generator_class = ShortTurnsGenerator
+
+
 register("rollout_engine", "short_turns")(ShortTurns)
+
+
+# --- a third stage kind, written on the stage scaffold alone ------------------------------------
+
+import random  # noqa: E402
+
+import torch  # noqa: E402
+
+from stagewise.models import load_model  # noqa: E402
+from stagewise.rl.logprobs import PolicyLogprobs  # noqa: E402
+from stagewise.training.run import StageRun  # noqa: E402
+from stagewise.training.stage import StageKind  # noqa: E402
+from stagewise.training.step_stats import reduce_step_stats  # noqa: E402
+
+PROBE_ROWS, PROBE_LEN = 4, 8
+
+
+def probe_rows(seed: int, step: int, vocab: int) -> list[list[int]]:
+    """The token rows step ``step`` of a probe stage scores: a pure function of (seed, step)."""
+    rng = random.Random(f"probe:{seed}:{step}")
+    return [[rng.randrange(vocab - 2) for _ in range(PROBE_LEN)] for _ in range(PROBE_ROWS)]
+
+
+def logprob_sum(lm, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token log-probs, number of tokens scored) of the rows under the model."""
+    if not rows:
+        return torch.zeros((), device=device), torch.zeros((), device=device)
+    ids = torch.tensor(rows, device=device)
+    with torch.no_grad():
+        logp = lm(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return picked.sum(), torch.tensor(float(picked.numel()), device=device)
+
+
+def train_probe_stage(job):
+    """A stage kind that only measures: each step scores its rows (each rank its share) with the
+    stage's weights. It writes no scaffolding of its own, yet checkpoints, resumes and stops as the
+    others do."""
+    run = StageRun(job, PolicyLogprobs(load_model(job.init_path, job.cfg.model)), micro_batch=1, accumulation=1,
+                   total_steps=job.cfg.stage_steps(job.index))
+    lm = run.strategy.lm
+    while not run.finished:
+        step = run.begin_step()
+        rows = probe_rows(job.cfg.seed, step, lm.config.vocab_size)[run.rank::run.world]
+        total, count = logprob_sum(lm, rows, run.device)
+        sums, _ = reduce_step_stats(run.device, sums={"logp": total, "tokens": count}, rows={})
+        probe = sums["logp"] / sums["tokens"]
+        if run.end_step({"probe": probe}, samples=PROBE_ROWS, curve=probe, progress={"probe": probe}):
+            return run.stopped()
+    return run.finish(job.tokenizer)
+
+
+register("stage", "probe")(StageKind(train=train_probe_stage, check=lambda cfg, i, world: None, needs_reward=False))

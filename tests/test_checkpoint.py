@@ -4,7 +4,6 @@ import torch
 
 from stagewise.checkpoint import list_checkpoints
 from stagewise.continual.curriculum import run_curriculum
-
 from tests.helpers import load_weights, tiny_config
 
 

@@ -53,9 +53,10 @@ def test_manifest_records_every_file(tiny_model_dir, tmp_path, reference):
     assert checkpoint_problem(ckpt) is None
 
 
-@pytest.mark.parametrize("how, message", [("flip", "does not match its SHA-256"), ("truncate", "bytes, the manifest says"),
-                                          ("delete", "is missing")])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_model_dir, tmp_path, capsys, reference, how, message):
+@pytest.mark.parametrize("how, message", [("flip", "does not match its SHA-256"),
+                                          ("truncate", "bytes, the manifest says"), ("delete", "is missing")])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_model_dir, tmp_path, capsys, reference, how,
+                                                              message):
     cfg = tiny_config(tiny_model_dir, tmp_path / "r", stages=1, steps=4, overrides=OVERRIDES)
     assert run_curriculum(cfg, stop_after=3)["stopped"]
     stage = tmp_path / "r" / "stage-1-add"
@@ -93,8 +94,9 @@ def test_resume_refuses_a_changed_model_data_batch_or_seed(tiny_model_dir, tmp_p
     run_curriculum(cfg, stop_after=2)
     changed = tiny_config(tiny_model_dir, tmp_path / "r", stages=1, steps=4, overrides=OVERRIDES + [
         "seed=1", "rollout.num_generations=2", "domains.0.args.hi=8"])
-    with pytest.raises(StagewiseError, match=r"in 3 key\(s\) that must not change mid-run: domains\.0\.args\.hi: 9 -> 8; "
-                                             r"rollout\.num_generations: 4 -> 2; seed: 0 -> 1 \(add --force"):
+    with pytest.raises(StagewiseError,
+                       match=r"in 3 key\(s\) that must not change mid-run: domains\.0\.args\.hi: 9 -> 8; "
+                             r"rollout\.num_generations: 4 -> 2; seed: 0 -> 1 \(add --force"):
         run_curriculum(changed, resume=True)
     # what may change: logging, evaluation, checkpointing, learning rate, precision ...
     harmless = tiny_config(tiny_model_dir, tmp_path / "r", stages=1, steps=4, overrides=OVERRIDES + [

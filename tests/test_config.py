@@ -46,7 +46,8 @@ def test_ablation_then_overrides_resolve_exactly(tmp_path):
     assert saved["stages"][0]["steps"] == 10 and saved["stages"][1]["steps"] == 2
     assert saved["ablation"] == "fast" and "ablations" not in saved
     # the saved file is itself a valid config that reproduces the run exactly
-    assert load_config(tmp_path / "config.yaml").model_dump() == cfg.model_dump(exclude={"ablations"}) | {"ablations": {}}
+    assert load_config(tmp_path / "config.yaml").model_dump() == (cfg.model_dump(exclude={"ablations"})
+                                                                 | {"ablations": {}})
 
 
 def test_nested_ablation(tmp_path):
@@ -64,15 +65,7 @@ def test_nested_ablation(tmp_path):
     (["dist.offload=optimizer"], "offload=optimizer needs a ZeRO strategy"),
     (["rollout.num_generations=1"], "rollout.num_generations: Input should be greater than or equal to 2"),
     (["stages.0.name=x", "stages.1.name=x"], "stages: names repeat: ['x']"),
-    # registry names are checked when the config loads, before any model
-    (["grpo.advantage=gpro"], "grpo.advantage: unknown advantage 'gpro' (known: batch_std, dr_grpo, grpo)"),
-    (["stages.1.grpo={loss: dapoo}"], "stages.1.grpo.loss: unknown loss 'dapoo'"),
-    (["domains.0.type=adition"], "domains.0.type: unknown domain type 'adition'"),
-    (["domains.0.rewards=[{name: exactt}]"], "domains.0.rewards.0.name: unknown reward 'exactt'"),
-    (["plugins=[no_such_module_xyz]"], "plugins.0: cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
     (["dist.strategy=fsdp", "dist.mixed_precision=fp16"], "fsdp supports mixed_precision bf16 or no"),
-    (["rollout.engine=vlm"], "rollout.engine: unknown rollout engine 'vlm' (known: local"),
-    (["stages.1.rollout={engine: x}"], "stages.1.rollout.engine: unknown rollout engine 'x'"),
     (["rollout.max_new_tokens=64", "rollout.max_episode_tokens=32"], "max_episode_tokens=32 is smaller than one turn"),
     (["rollout.max_turns=0"], "rollout.max_turns: Input should be greater than 0"),
 ])

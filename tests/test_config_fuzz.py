@@ -14,7 +14,8 @@ from stagewise.errors import StagewiseError
 BASE = {"name": "fuzz", "model": {"name_or_path": "bundled:smollm2-135m-instruct"},
         "domains": [{"name": "add"}, {"name": "max"}],
         "stages": [{"domains": ["add"], "steps": 2}, {"domains": ["max"], "steps": 2}]}
-KEYS = ["name", "seed", "model", "model.lora", "model.lora.r", "domains", "domains.0", "domains.0.name", "domains.0.type",
+KEYS = ["name", "seed", "model", "model.lora", "model.lora.r", "domains", "domains.0",
+        "domains.0.name", "domains.0.type",
         "domains.0.args", "domains.1.rewards", "stages", "stages.0", "stages.0.steps", "stages.1.domains",
         "stages.0.kind", "stages.1.epochs", "stages.0.optim", "stages.0.optim.lr", "stages.1.rollout", "optim.lr",
         "optim.schedule", "rollout.num_generations", "rollout.top_p", "rollout.max_turns", "rollout.engine",
@@ -47,7 +48,8 @@ def test_overrides_never_raise_anything_but_the_clean_error(overrides):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in KEYS if k and k[0] != "."})), values, max_size=4))
+@given(st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in KEYS if k and k[0] != "."})), values,
+                       max_size=4))
 def test_raw_configs_never_raise_anything_but_the_clean_error(extra):
     load({**BASE, **extra})
 

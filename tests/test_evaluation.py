@@ -9,6 +9,7 @@ import pytest
 from stagewise.domains.base import Domain
 from stagewise.evaluation import evaluate_domain, pass_hat_k
 from stagewise.rl.episodes import EpisodeLimits
+from tests.helpers import local_generator
 from tests.plugins import AsciiChat
 
 
@@ -38,11 +39,12 @@ def ascii_domain() -> Domain:
 def test_sampled_trials_give_pass_k_independent_of_batching(tiny):
     model, tok = tiny
     kw = dict(max_new_tokens=3, limits=EpisodeLimits(max_turns=1, max_tokens=3), trials=4, temperature=1.0, seed=5)
-    rate, samples, pass_k = evaluate_domain(model, tok, ascii_domain(), batch_size=8, **kw)
-    again = evaluate_domain(model, tok, ascii_domain(), batch_size=24, **kw)  # other batches, same seeds
+    rate, samples, pass_k = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **kw)
+    # other batches, same seeds
+    again = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=24, **kw)
     assert (rate, pass_k) == (again[0], again[2])
     assert sorted(pass_k) == [1, 2, 3, 4] and pass_k[1] == pytest.approx(rate)
     assert pass_k[1] >= pass_k[2] >= pass_k[3] >= pass_k[4]
     assert 0.0 < rate < 1.0, "the check needs some tasks that sometimes fail: change the seed"
-    greedy = evaluate_domain(model, tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
+    greedy = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
     assert list(greedy[2]) == [1] and greedy[2][1] == greedy[0]

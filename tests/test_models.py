@@ -5,7 +5,8 @@ import torch
 
 from stagewise.config import LoraConfig, ModelConfig
 from stagewise.errors import ModelLoadError
-from stagewise.models import load_model, load_model_and_tokenizer, load_model_config, resolve_model_path
+from stagewise.models import load_model, load_model_config, resolve_model_path
+from tests.helpers import load_model_and_tokenizer
 
 
 def test_local_dir_loads_with_dtype(tiny_model_dir):
@@ -93,8 +94,9 @@ def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch, caps
     for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(a, b), n
     # a real instruct model: it answers a trivial question
-    from stagewise.rl.prompts import encode_prompts, eos_ids
-    from stagewise.rl.sampling import sample
+    from stagewise.generation.chat_template import eos_ids
+    from stagewise.generation.sampling import sample
+    from tests.helpers import encode_prompts
 
     ids, mask = encode_prompts(tok, ["What is the capital of France?"])
     out, cmask, _ = sample(model, ids, mask, max_new_tokens=12, eos_token_ids=eos_ids(tok),

@@ -41,7 +41,7 @@ def continual_metrics(R: list[list[float | None]], own: list[list[int]]) -> dict
     bwt = _mean([_diff(col(final, own[i]), col(R[i + 1], own[i])) for i in range(T - 1)])
     fwt = _mean([_diff(col(R[i], own[i]), col(base, own[i])) for i in range(1, T)])
     plasticity = _mean([col(R[i + 1], own[i]) for i in range(T)])
-    forgetting = _mean([_diff(max((v for l in range(1, T) if (v := col(R[l], own[i])) is not None), default=None),
+    forgetting = _mean([_diff(max((v for row in range(1, T) if (v := col(R[row], own[i])) is not None), default=None),
                               col(final, own[i])) for i in range(T - 1)])
     gain = _mean([_diff(col(R[i + 1], own[i]), col(base, own[i])) for i in range(T)])
     return {"ACC": acc, "BWT": bwt, "FWT": fwt, "forgetting": forgetting, "plasticity": plasticity,

@@ -10,14 +10,13 @@ A domain builder is registered under a name (``@register("domain", "add")``) or 
 from __future__ import annotations
 
 import importlib
-import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 from stagewise.config import DomainSpec
 from stagewise.errors import ConfigError
-from stagewise import rewards as _rewards  # noqa: F401  (registers the built-in rewards)
-from stagewise.registry import lookup
+from stagewise.registry import lookup, names
+from stagewise.seeds import split_rng
 
 
 @dataclass(eq=False)
@@ -66,10 +65,8 @@ class Domain:
         return sum(w * parts[n] for n, w in self.rewards)
 
     def score(self, text: str, example: dict) -> dict[str, float]:
-        """Each reward's value for one completion, plus '_total' (weighted sum)."""
-        parts = {n: self.reward_fns[n](text, example) for n, _ in self.rewards}
-        parts["_total"] = sum(w * parts[n] for n, w in self.rewards)
-        return parts
+        """Each reward's value for one completion (``weigh`` makes the training reward of them)."""
+        return {n: self.reward_fns[n](text, example) for n, _ in self.rewards}
 
     def succeeded(self, parts: dict[str, float]) -> bool:
         """An episode counts as a success when its metric part reaches 1.0."""
@@ -77,23 +74,21 @@ class Domain:
             raise ValueError(f"domain {self.name} defines no accuracy metric")
         return parts[self.metric] >= 1.0
 
-    def correct(self, text: str, example: dict) -> bool:
-        if self.metric is None:
-            raise ValueError(f"domain {self.name} defines no accuracy metric")
-        return self.reward_fns[self.metric](text, example) >= 1.0
-
 
 def split_items(items: list, eval_size: int, train_size: int, seed: int, name: str) -> tuple[list, list]:
     """Shuffle with a seeded RNG; the first eval_size items are held out, the next train_size train."""
     items = list(items)
-    random.Random(f"{name}:{seed}").shuffle(items)
+    split_rng(name, seed).shuffle(items)
     if len(items) <= eval_size:
-        raise ConfigError(f"domains.{name}: only {len(items)} distinct items, eval_size={eval_size} leaves none to train")
+        raise ConfigError(f"domains.{name}: only {len(items)} distinct items, eval_size={eval_size} leaves none "
+                          f"to train")
     return items[eval_size: eval_size + train_size], items[:eval_size]
 
 
-def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise") -> Domain:
-    """on_error: the run's data.on_error, the default for builders that read files (args may override)."""
+def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise", where: str | None = None) -> Domain:
+    """on_error: the run's data.on_error, the default for builders that read files (args may override);
+    where: the spec's place in the config, for errors (default ``domains.<name>``)."""
+    where = where or f"domains.{spec.name}"
     kind = spec.type or spec.name
     spec = spec.model_copy(update={"args": {"on_error": on_error, **spec.args}})
     if ":" in kind:  # plugin: "package.module:function"
@@ -108,6 +103,12 @@ def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise") -> Domain
     if not isinstance(dom, Domain):
         raise ConfigError(f"domains.{spec.name}: builder {kind!r} returned {type(dom).__name__}, not a Domain")
     if spec.rewards is not None:
+        if dom.environment is None:  # an environment's reward parts are its own, checked by Domain
+            known = names("reward")
+            for j, r in enumerate(spec.rewards):
+                if r.name not in known:
+                    raise ConfigError(f"{where}.rewards.{j}.name: unknown reward {r.name!r} "
+                                      f"(known: {', '.join(known)})")
         rewards = [(r.name, r.weight) for r in spec.rewards]
         dom = Domain(dom.name, dom.train, dom.eval, rewards, dom.metric or (rewards[0][0] if rewards else None),
                      skipped=dom.skipped, environment=dom.environment, reward_parts=dom.reward_parts)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from stagewise.config import DomainSpec
 from stagewise.domains.base import Domain, split_items
-from stagewise.registry import register
 
 ANSWER_ONLY = " Reply with just the number."
 
@@ -17,7 +16,6 @@ def _arith(spec: DomainSpec, seed: int, items, make, rewards, metric="last_numbe
     return Domain(spec.name, [make(*x) for x in train], [make(*x) for x in held], rewards, metric)
 
 
-@register("domain", "add")
 def add(spec: DomainSpec, seed: int) -> Domain:
     """'What is a + b?'  a, b in [lo, hi] (args: lo=1, hi=60)."""
     lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 60)
@@ -44,19 +42,16 @@ def _choose_one(spec: DomainSpec, seed: int, pick, templates: list[str]) -> Doma
     return _arith(spec, seed, items, make, [("only_answer", 1.0), ("concise", 0.2)], metric="only_answer")
 
 
-@register("domain", "max")
 def larger(spec: DomainSpec, seed: int) -> Domain:
     """'Which is larger, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99, templates=[...])."""
     return _choose_one(spec, seed, max, MAX_TEMPLATES)
 
 
-@register("domain", "smaller")
 def smaller(spec: DomainSpec, seed: int) -> Domain:
     """'Which is smaller, a or b?'  distinct a, b in [lo, hi] (args: lo=1, hi=99, templates=[...])."""
     return _choose_one(spec, seed, min, MIN_TEMPLATES)
 
 
-@register("domain", "sub")
 def sub(spec: DomainSpec, seed: int) -> Domain:
     """'What is a - b?'  lo <= b < a <= hi (args: lo=1, hi=60)."""
     lo, hi = spec.args.get("lo", 1), spec.args.get("hi", 60)
@@ -65,7 +60,6 @@ def sub(spec: DomainSpec, seed: int) -> Domain:
     return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
 
 
-@register("domain", "mul")
 def mul(spec: DomainSpec, seed: int) -> Domain:
     """'What is a * b?'  a, b in [lo, hi] (args: lo=2, hi=20)."""
     lo, hi = spec.args.get("lo", 2), spec.args.get("hi", 20)
@@ -74,7 +68,6 @@ def mul(spec: DomainSpec, seed: int) -> Domain:
     return _arith(spec, seed, items, make, [("last_number", 1.0), ("concise", 0.2)])
 
 
-@register("domain", "next")
 def successor(spec: DomainSpec, seed: int) -> Domain:
     """'What number comes right after n?'  n in [lo, hi] (args: lo=10, hi=999)."""
     lo, hi = spec.args.get("lo", 10), spec.args.get("hi", 999)

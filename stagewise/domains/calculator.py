@@ -21,7 +21,6 @@ import re
 from stagewise.config import DomainSpec
 from stagewise.domains.base import Domain, split_items
 from stagewise.envs.base import Environment
-from stagewise.registry import register
 
 PHRASINGS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?",
              "Please work out {a} {op} {b}."]
@@ -69,8 +68,6 @@ class CalculatorEnv(Environment):
         return {"correct": float(right and used), "used_tool": float(used)}
 
 
-@register("environment_domain", "calculator")
-@register("domain", "calculator")
 def calculator(spec: DomainSpec, seed: int) -> Domain:
     """args: lo=100, hi=999 (first number), lo2=11, hi2=99 (second), ops=["times", "plus"],
     worked_example=true."""

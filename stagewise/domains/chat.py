@@ -10,7 +10,7 @@
           system: "You are a helpful assistant."                 # optional
           reward: exact                   # optional: exact | numeric | contains | regex -> accuracy
 
-Record formats: see stagewise/sft/data.py. The train / held-out split is seeded and by record
+Record formats: see stagewise/data/records.py. The train / held-out split is seeded and by record
 (before any template), so ablations of the prompt fields are compared on the same held-out
 examples. Each example keeps the whole conversation
 (``messages``) plus ``prompt`` (all turns before the last assistant turn) and ``answer`` (that
@@ -23,16 +23,14 @@ from __future__ import annotations
 import json
 
 from stagewise.config import DomainSpec
+from stagewise.data.records import RecordFormat, read_records, to_conversation
 from stagewise.domains.base import Domain
 from stagewise.domains.jsonl import REWARD_TYPES, split_by_prompt
 from stagewise.errors import ConfigError, DataError
-from stagewise.registry import register
-from stagewise.sft.data import RecordFormat, read_records, to_conversation
 
 ARGS = {"path", "prompt_template", "response_field", "system", "reward", "on_error"}
 
 
-@register("domain", "chat")
 def chat_domain(spec: DomainSpec, seed: int) -> Domain:
     where = f"domains.{spec.name}.args"
     unknown = sorted(set(spec.args) - ARGS)
@@ -42,7 +40,7 @@ def chat_domain(spec: DomainSpec, seed: int) -> Domain:
         raise ConfigError(f"{where}.path: required for a chat domain")
     reward = spec.args.get("reward")
     if reward is not None and reward not in REWARD_TYPES:
-        raise ConfigError(f"{where}.reward: {reward!r} is not one of {sorted(REWARD_TYPES)}")
+        raise ConfigError(f"{where}.reward: {reward!r} is not one of {list(REWARD_TYPES)}")
     fmt = RecordFormat(prompt_template=spec.args.get("prompt_template"),
                        response_field=spec.args.get("response_field", "response"), system=spec.args.get("system"))
     on_error = spec.args.get("on_error", "raise")
@@ -64,5 +62,5 @@ def chat_domain(spec: DomainSpec, seed: int) -> Domain:
     # split by the whole record, before any template: the held-out set is the same whichever fields
     # a prompt_template shows (ablations that hide fields compare on the same examples)
     train, held = split_by_prompt(rows, spec, seed, key=lambda r: r["_record"])
-    rewards = [(REWARD_TYPES[reward], 1.0)] if reward else []
-    return Domain(spec.name, train, held, rewards, REWARD_TYPES[reward] if reward else None, skipped=skipped)
+    rewards = [(reward, 1.0)] if reward else []
+    return Domain(spec.name, train, held, rewards, reward if reward else None, skipped=skipped)

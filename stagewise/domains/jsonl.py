@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 from stagewise.config import DomainSpec
+from stagewise.data.records import read_records
 from stagewise.domains.base import Domain, split_items
 from stagewise.errors import ConfigError, DataError
-from stagewise.registry import register
-from stagewise.sft.data import read_records
 
-REWARD_TYPES = {"exact": "exact", "numeric": "numeric", "contains": "contains", "regex": "regex"}
+REWARD_TYPES = ("exact", "numeric", "contains", "regex")  # args.reward: a reward of rewards.py
 
 
 def _check_prompt(prompt, where: str) -> None:
@@ -74,13 +73,12 @@ def split_by_prompt(rows: list[dict], spec: DomainSpec, seed: int, key=None) -> 
     return [r for k in train_keys for r in by_prompt[k]], [r for k in eval_keys for r in by_prompt[k]]
 
 
-@register("domain", "jsonl")
 def jsonl_domain(spec: DomainSpec, seed: int) -> Domain:
     if "path" not in spec.args:
         raise ConfigError(f"domains.{spec.name}.args.path: required for a jsonl domain")
     reward = spec.args.get("reward", "exact")
     if reward not in REWARD_TYPES:
-        raise ConfigError(f"domains.{spec.name}.args.reward: {reward!r} is not one of {sorted(REWARD_TYPES)}")
+        raise ConfigError(f"domains.{spec.name}.args.reward: {reward!r} is not one of {list(REWARD_TYPES)}")
     rows, skipped = read_jsonl(spec.args["path"], spec.args.get("on_error", "raise"))
     train, held = split_by_prompt(rows, spec, seed)
-    return Domain(spec.name, train, held, [(REWARD_TYPES[reward], 1.0)], REWARD_TYPES[reward], skipped=skipped)
+    return Domain(spec.name, train, held, [(reward, 1.0)], reward, skipped=skipped)

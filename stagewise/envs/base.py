@@ -97,7 +97,6 @@ class TextTask(Environment):
     def reward(self) -> dict[str, float]:
         text, dom = self.answer or "", self.domain
         parts = dom.score(text, self.task)
-        parts.pop("_total", None)
         if dom.metric is not None and dom.metric not in parts:
             parts[dom.metric] = dom.reward_fns[dom.metric](text, self.task)
         return parts

@@ -19,8 +19,6 @@ import json
 import re
 from typing import Callable
 
-from transformers.utils import get_json_schema
-
 from stagewise.errors import ConfigError
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -30,9 +28,11 @@ FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 def tool_schema(fn: Callable) -> dict:
     """The OpenAI / chat-template schema of a tool, from its type hints and Google-style docstring
     (``Args:`` section). Refused with a clear message where transformers cannot derive one."""
+    from transformers.utils import get_json_schema  # ~1.5 s to import: only when a schema is needed
+
     try:
         return get_json_schema(fn)
-    except Exception as e:  # transformers raises its own TypeHintParsingException / DocstringParsingException
+    except Exception as e:  # noqa: BLE001  (transformers raises its own TypeHintParsingException / DocstringParsingException)
         raise ConfigError(f"tool {getattr(fn, '__name__', fn)!r}: cannot build its JSON schema ({e}); give every "
                           f"argument a type hint and describe it under 'Args:' in the docstring") from None
 
@@ -92,6 +92,6 @@ def call_tool(tools: dict[str, Callable], call: dict) -> tuple[str, bool]:
         out = fn(**call["arguments"])
     except TypeError as e:
         return f"error: bad arguments for {call['name']}: {e}", True
-    except Exception as e:  # the tool's own failure is information for the policy, as in tau2-bench
+    except Exception as e:  # noqa: BLE001  (the tool's own failure is information for the policy, as in tau2-bench)
         return f"error: {call['name']} failed: {type(e).__name__}: {e}", True
     return (out if isinstance(out, str) else json.dumps(out)), False

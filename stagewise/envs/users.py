@@ -14,8 +14,9 @@ Kinds:
               ``dtype`` (bfloat16 by default, as the policy samples; float32 for exact numbers)
     endpoint  an OpenAI-compatible chat-completions server (a local vLLM or llama.cpp server) by URL
     scripted  no model: for tests and oracles. Opens with ``first`` (a format string with {id} and
-              {reason_for_call}; default: the task's reason for the call), then performs the task's expected user-side actions one per agent message
-              (``actions``, tau2 tasks), then says ``stop``; or replies from a fixed list ``replies``
+              {reason_for_call}; default: the task's reason for the call), then performs the task's
+              expected user-side actions one per agent message (``actions``, tau2 tasks), then says
+              ``stop``; or replies from a fixed list ``replies``
 
 A session keeps the conversation from the user's side: the agent's messages are its "user" turns
 and its own messages are "assistant" turns (as tau2's user simulator flips roles).
@@ -31,7 +32,9 @@ from functools import lru_cache
 
 from stagewise.envs.tools import parse_tool_calls
 from stagewise.errors import ConfigError, TrainingError
-from stagewise.registry import lookup, register
+from stagewise.models import DTYPES
+from stagewise.registry import lookup
+from stagewise.seeds import user_reply_seeds
 
 
 class ChatSession:
@@ -52,19 +55,20 @@ class ChatSession:
         self.history += [{"role": "user", "content": greeting}, {"role": "assistant", "content": first}]
 
     def respond(self, agent_text: str) -> dict:
-        self.hear("respond", agent_text)
+        self.hear_agent(agent_text)
         return self._next()
 
     def tool_results(self, results: list[str]) -> dict:
-        self.hear("tool_results", results)
+        self.hear_tool_results(results)
         return self._next()
 
-    def hear(self, what: str, arg) -> None:
-        """Add the agent's message (``respond``) or the user's own tool results (``tool_results``)."""
-        if what == "respond":
-            self.history.append({"role": "user", "content": arg})
-        else:
-            self.history += [{"role": "tool", "content": r} for r in arg]
+    def hear_agent(self, text: str) -> None:
+        """Add the agent's message (the user's next reply answers it)."""
+        self.history.append({"role": "user", "content": text})
+
+    def hear_tool_results(self, results: list[str]) -> None:
+        """Add the results of the user's own tool calls."""
+        self.history += [{"role": "tool", "content": r} for r in results]
 
     def _next(self) -> dict:
         return self.record(self.complete(self.history, self.tools))
@@ -80,24 +84,25 @@ class ChatSession:
 def respond_all(sessions: list, texts: list[str]) -> list[dict]:
     """``session.respond(text)`` for several sessions; those of a simulator that answers in batches
     (a local model) are answered in one call."""
-    return _answer_all(sessions, texts, "respond")
+    return _answer_all(sessions, texts, ChatSession.hear_agent, lambda s, text: s.respond(text))
 
 
 def tool_results_all(sessions: list, results: list[list[str]]) -> list[dict]:
     """``session.tool_results(results)`` for several sessions, batched as ``respond_all``."""
-    return _answer_all(sessions, results, "tool_results")
+    return _answer_all(sessions, results, ChatSession.hear_tool_results, lambda s, res: s.tool_results(res))
 
 
-def _answer_all(sessions: list, args: list, what: str) -> list[dict]:
+def _answer_all(sessions: list, args: list, hear, answer_one) -> list[dict]:
+    """hear(session, arg) adds the message to a batched session; answer_one(session, arg) answers any other."""
     out: list = [None] * len(sessions)
     batches: dict[int, tuple[object, list[int]]] = {}
     for k, (s, arg) in enumerate(zip(sessions, args)):
         backend = getattr(s, "backend", None)
         if hasattr(backend, "complete_many"):
-            s.hear(what, arg)
+            hear(s, arg)
             batches.setdefault(id(backend), (backend, []))[1].append(k)
         else:
-            out[k] = getattr(s, what)(arg)
+            out[k] = answer_one(s, arg)
     for backend, ks in batches.values():
         turns = backend.complete_many([(sessions[k].history, sessions[k].tools) for k in ks])
         for k, turn in zip(ks, turns):
@@ -160,7 +165,7 @@ class LocalModelUser:
     def __init__(self, model: str = "bundled:smollm2-135m-instruct", max_new_tokens: int = 96,
                  temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16"):
         if dtype not in DTYPES:
-            raise ConfigError(f"user simulator dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"user simulator dtype: {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
         self.name, self.max_new_tokens, self.temperature, self.seed = model, max_new_tokens, temperature, seed
         self.dtype = dtype
         self.calls = 0
@@ -175,8 +180,8 @@ class LocalModelUser:
         """One reply per (messages, tools): all sampled in one batch (left-padded; each row its own seed)."""
         import torch
 
-        from stagewise.rl.engines import left_pad
-        from stagewise.rl.sampling import sample
+        from stagewise.generation.padding import left_pad
+        from stagewise.generation.sampling import sample
 
         if self.name == POLICY:
             if not _policy_weights:
@@ -187,7 +192,7 @@ class LocalModelUser:
             name = self.name
         model, tok, store = _load_user_model(name, str(_device()), self.dtype)
         prompts = [self._prompt_ids(model, tok, messages, tools) for messages, tools in requests]
-        seeds = [self.seed + self.calls + k + 1 for k in range(len(prompts))]
+        seeds = user_reply_seeds(self.seed, self.calls, len(prompts))
         self.calls += len(prompts)
         ids, mask = left_pad(prompts, tok.pad_token_id, model.device)
         with torch.no_grad():
@@ -203,7 +208,7 @@ class LocalModelUser:
         return turns
 
     def _prompt_ids(self, model, tok, messages: list[dict], tools: list[dict]) -> list[int]:
-        from stagewise.rl.episodes import ChatRenderer
+        from stagewise.generation.chat_template import ChatRenderer
 
         renderer = ChatRenderer(tok)
         shown = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
@@ -224,9 +229,6 @@ def _device():
     return PartialState().device if PartialState._shared_state else torch.device("cpu")
 
 
-DTYPES = ("bfloat16", "float16", "float32")
-
-
 @lru_cache(maxsize=2)
 def _load_user_model(name: str, device: str, dtype: str = "bfloat16"):
     """Once per process: the user model, frozen, in eval mode, with a store of its long prompts'
@@ -234,8 +236,8 @@ def _load_user_model(name: str, device: str, dtype: str = "bfloat16"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from stagewise.generation.prefix_store import PrefixStore
     from stagewise.models import load_tokenizer, resolve_model_path
-    from stagewise.rl.prefix_store import PrefixStore
 
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
@@ -257,7 +259,8 @@ class EndpointUser:
 
     def complete(self, messages: list[dict], tools: list[dict]) -> dict:
         # tool turns are shown as text: the user's own calls were recorded as JSON in its history
-        msgs = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"} for m in messages]
+        msgs = [m if m["role"] != "tool" else {"role": "user", "content": f"[tool result] {m['content']}"}
+                for m in messages]
         body = {"model": self.model, "messages": msgs, "temperature": self.temperature, "max_tokens": self.max_tokens}
         if tools:
             body["tools"] = tools
@@ -288,18 +291,13 @@ def _args(raw) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-register("user_simulator", "scripted")(ScriptedUser)
-register("user_simulator", "local")(LocalModelUser)
-register("user_simulator", "endpoint")(EndpointUser)
-
-
 def build_user_simulator(spec: dict | None, where: str):
     """``{"kind": ..., **options}`` -> a simulator; bad kinds and options are one line naming ``where``."""
     spec = dict(spec or {"kind": "local"})
     kind = spec.pop("kind", "local")
     try:
         cls = lookup("user_simulator", kind)
-    except Exception as e:
+    except ConfigError as e:
         raise ConfigError(f"{where}.kind: {e}") from None
     try:
         return cls(**spec)

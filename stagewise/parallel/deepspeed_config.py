@@ -26,7 +26,8 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
     zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                   "reduce_bucket_size": h2, "allgather_bucket_size": max(h2, 5 * 10**7)}
     if stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": int(0.9 * h2), "stage3_param_persistence_threshold": 10 * hidden_size,
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * h2),
+                     "stage3_param_persistence_threshold": 10 * hidden_size,
                      "stage3_gather_16bit_weights_on_model_save": True})
     if dist.offload in ("optimizer", "optimizer_and_params"):
         zero["offload_optimizer"] = _offload(dist)
@@ -38,7 +39,7 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": max_grad_norm,
         # check_grad_overflow: a step with a non-finite gradient norm is skipped on every rank (the
-        # run's bad-step handling relies on it; parallel/engine.py)
+        # run's bad-step handling relies on it; parallel/strategy.py)
         "bf16": {"enabled": dist.mixed_precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": dist.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,

@@ -19,12 +19,25 @@ from stagewise.errors import StagewiseError
 ZERO = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def _entry(args) -> list[str]:
-    rest = [r for r in (args.rest or []) if r != "--"]
+def _strategy_overrides(args) -> list[str]:
     extra = [f"dist.strategy={args.strategy}"]
     if getattr(args, "offload", None):
         extra.append(f"dist.offload={args.offload}")
-    return ["run", args.config, *rest, *extra]
+    return extra
+
+
+def launch_overrides(args) -> list[str]:
+    """The dotted overrides the launched ranks apply: the user's, then the launch's strategy."""
+    rest = [r for r in (args.rest or []) if r != "--"]
+    flags_with_value = {"--ablation", "--stop-after"}
+    given = [r for k, r in enumerate(rest) if "=" in r and not r.startswith("-")
+             and not (k and rest[k - 1] in flags_with_value)]
+    return given + _strategy_overrides(args)
+
+
+def _entry(args) -> list[str]:
+    rest = [r for r in (args.rest or []) if r != "--"]
+    return ["run", args.config, *rest, *_strategy_overrides(args)]
 
 
 def _tool(name: str) -> list[str]:
@@ -40,7 +53,8 @@ def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
     env: dict[str, str] = {}
     if args.launcher == "accelerate":
         cmd = _tool("accelerate") + ["launch", "--num_processes", str(n * m), "--num_machines", str(m),
-                                     "--machine_rank", str(args.machine_rank), "--main_process_ip", args.main_process_ip,
+                                     "--machine_rank", str(args.machine_rank),
+                                     "--main_process_ip", args.main_process_ip,
                                      "--main_process_port", str(args.main_process_port)]
         if args.strategy in ZERO:
             cmd += ["--use_deepspeed", "--zero_stage", str(ZERO[args.strategy])]
@@ -52,7 +66,8 @@ def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
             cmd += ["--rdzv_backend", "static", "--same_network"]
         return cmd + ["-m", "stagewise", *entry], env
     if args.launcher == "torchrun":
-        cmd = _tool("torchrun") + ["--nnodes", str(m), "--nproc_per_node", str(n), "--node_rank", str(args.machine_rank),
+        cmd = _tool("torchrun") + ["--nnodes", str(m), "--nproc_per_node", str(n),
+                                   "--node_rank", str(args.machine_rank),
                                    "--master_addr", args.main_process_ip, "--master_port", str(args.main_process_port),
                                    "-m", "stagewise", *entry]
         return cmd, env

@@ -24,7 +24,8 @@ import torch
 from stagewise.config import DistConfig
 from stagewise.errors import ConfigError
 from stagewise.parallel import deepspeed_config as dsc
-
+from stagewise.parallel import watchdog
+from stagewise.parallel.collectives import barrier
 
 # DeepSpeed 0.19 still calls the tensor collectives torch 2.13 deprecates: one warning per call.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -144,7 +145,7 @@ def start_run(dist: DistConfig):
     cpu = on_cpu(dist)
     check(dist, world_size_from_env())
     if "LOCAL_RANK" in os.environ and world_size_from_env() > 1:
-        exit_with_launcher()
+        watchdog.exit_with_launcher()
     timeout = timedelta(seconds=dist.timeout_s)
     if dist.strategy.startswith("zero") or dist.strategy == "fsdp":
         _ensure_process_group_env()
@@ -164,57 +165,6 @@ _end_hooks: list = []  # called by end_run before the process group is left (e.g
 def on_end(fn) -> None:
     """Call ``fn()`` when this run ends, on this rank, before it leaves the process group."""
     _end_hooks.append(fn)
-
-
-_watching_launcher = False
-
-
-def exit_with_launcher(poll_s: float = 1.0) -> None:
-    """A rank outlives its launcher when the launcher is killed (SIGKILL, OOM killer): torch elastic
-    starts ranks in sessions of their own, so nothing stops them, and an orphan would keep training
-    and writing into the run's directory next to a resumed run. A daemon thread notices the parent
-    is gone (the rank is re-parented), or the launcher `stagewise launch` named in
-    STAGEWISE_LAUNCHER_PID is (also when it died before this rank started), and exits at once, like
-    a SIGKILL would. Polling rather than PR_SET_PDEATHSIG, which fires when the parent *thread* that
-    started us ends."""
-    global _watching_launcher
-    if _watching_launcher:
-        return
-    import sys
-    import threading
-    import time
-
-    given = os.environ.get("STAGEWISE_LAUNCHER_PID", "")  # set by `stagewise launch`, which execs the launcher
-    launcher = int(given) if given.isdigit() else None
-    parent = os.getppid()
-    if parent == 1 and launcher is None:  # a launcher that is PID 1 (in a container): nothing to watch
-        return
-
-    def watch() -> None:  # also at once when the launcher died before this rank got here
-        while os.getppid() == parent and (launcher is None or _alive(launcher)):
-            time.sleep(poll_s)
-        print(f"error: rank {os.environ.get('RANK', '?')}: its launcher (pid {launcher or parent}) is gone; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="stagewise-exit-with-launcher", daemon=True).start()
-    _watching_launcher = True
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists; on Linux a zombie counts as gone (a killed launcher stays one until reaped)."""
-    if Path("/proc/self").is_dir():
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, max_grad_norm: float,
@@ -252,39 +202,15 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
     return Accelerator(cpu=on_cpu(dist), mixed_precision=dist.mixed_precision, kwargs_handlers=kwargs, **common)
 
 
-def device() -> torch.device:
-    """The device of this process (the run's process state must exist)."""
-    from accelerate.state import PartialState
-
-    return PartialState().device
-
-
-def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all processes (a copy; the tensor itself when there is one process)."""
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
-        t = t.clone()
-        td.all_reduce(t)
-    return t
-
-
-def barrier() -> None:
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
-        td.barrier()
-
-
 def end_run(tracker, ok: bool) -> None:
     """The end of every run, on every rank, whatever happened.
 
     Rank 0 closes the TensorBoard writer; if this rank finished its work the ranks meet once more,
     so none leaves while a peer still needs it; then every rank leaves the process group. After an
     error there is no barrier: a rank that failed must not wait for peers that may never come (they
-    fail on their next collective, or the launcher stops them). Round 1 ended with accelerate's
-    ``end_training()``, which destroyed the process group on the rank that owned the trackers only,
-    and left the other ranks failing or hanging at exit.
+    fail on their next collective, or the launcher stops them). Not accelerate's ``end_training()``:
+    it destroys the process group on the rank that owns the trackers only, leaving the other ranks
+    failing or hanging at exit.
     """
     import torch.distributed as td
     from accelerate.state import AcceleratorState, GradientState
@@ -344,4 +270,5 @@ def _forget_deepspeed_groups() -> None:
 def describe(acc, strategy: str, micro_batch: int, grad_accum: int) -> str:
     eff = micro_batch * grad_accum * acc.num_processes
     return (f"{strategy} x{acc.num_processes} on {acc.device} | precision {acc.mixed_precision} | "
-            f"effective batch = micro {micro_batch} x accumulation {grad_accum} x processes {acc.num_processes} = {eff}")
+            f"effective batch = micro {micro_batch} x accumulation {grad_accum} x processes {acc.num_processes} "
+            f"= {eff}")

@@ -42,7 +42,7 @@ class StopRequest:
 
     def agreed(self, device) -> bool:
         """Collective: True on every rank when any rank has been signalled."""
-        from stagewise.parallel.runtime import reduce_sum
+        from stagewise.parallel.collectives import reduce_sum
 
         flag = torch.tensor([0.0 if self.signal_name is None else 1.0], device=device)
         if reduce_sum(flag).item() > 0 and self.stopped_by is None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from stagewise.registry import register
-
 EPS = 1e-4  # as TRL: keeps (r - mean) / (std + eps) finite for zero-variance groups
 
 
@@ -33,7 +31,6 @@ def _stats(rewards, group_size):
     return {"frac_zero_variance_groups": zv.float().mean().item()}
 
 
-@register("advantage", "grpo")
 def grpo_advantages(rewards: torch.Tensor, group_size: int):
     """GRPO (Shao et al. 2024): (r - group mean) / (group std + eps); std is unbiased (as TRL)."""
     g = grouped(rewards.float(), group_size)
@@ -41,14 +38,12 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int):
     return adv.reshape(-1), _stats(rewards, group_size)
 
 
-@register("advantage", "dr_grpo")
 def dr_grpo_advantages(rewards: torch.Tensor, group_size: int):
     """Dr. GRPO (Liu et al. 2025): r - group mean; no std division (removes difficulty bias)."""
     g = grouped(rewards.float(), group_size)
     return (g - g.mean(dim=1, keepdim=True)).reshape(-1), _stats(rewards, group_size)
 
 
-@register("advantage", "batch_std")
 def batch_std_advantages(rewards: torch.Tensor, group_size: int):
     """(r - group mean) / (std of the whole batch + eps) (REINFORCE++-style scale; TRL 'batch')."""
     g = grouped(rewards.float(), group_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stagewise.rl.sampling import position_ids_from_mask
+from stagewise.generation.padding import position_ids_from_mask
 
 
 def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:

@@ -1,16 +1,15 @@
 """GRPO policy loss: per-token clipped surrogate + k3 KL, then an aggregation from a registry.
 
 Shapes: B sequences in a micro-batch, T completion positions.
-The aggregations take the *global* counts (active sequences, active tokens, all rows) of the whole accumulated batch (all micro-batches on
-all processes) so that summing micro-batch losses over accumulation steps and processes gives
-exactly the paper's objective, whatever the micro-batch size or the number of processes.
+The aggregations take the *global* counts (active sequences, active tokens, all rows) of the whole
+accumulated batch (all micro-batches on all processes) so that summing micro-batch losses over
+accumulation steps and processes gives exactly the paper's objective, whatever the micro-batch size
+or the number of processes.
 """
 
 from __future__ import annotations
 
 import torch
-
-from stagewise.registry import register
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,6 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return picked.sum() if dim is None else picked.sum(dim)
 
 
-@register("loss", "grpo")
 def aggregate_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
                    num_rows: int, max_len: int) -> torch.Tensor:
     """GRPO: mean over each sequence's tokens, then mean over the sequences that enter the loss
@@ -74,7 +72,6 @@ def aggregate_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int
     return per_seq.sum() / max(num_sequences, 1)
 
 
-@register("loss", "dr_grpo")
 def aggregate_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
                       num_rows: int, max_len: int) -> torch.Tensor:
     """Dr. GRPO: token sum / (all rows of the batch x max completion length), a constant: no length
@@ -82,7 +79,6 @@ def aggregate_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: 
     return masked_sum(loss, mask) / max(num_rows * max_len, 1)
 
 
-@register("loss", "dapo")
 def aggregate_dapo(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
                    num_rows: int, max_len: int) -> torch.Tensor:
     """DAPO token-level: token sum / number of active tokens of the whole accumulated batch."""

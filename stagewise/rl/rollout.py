@@ -9,9 +9,13 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from stagewise.domains import Domain
-from stagewise.rl.engines import SamplingParams, left_pad
+from stagewise.domains.base import Domain
+from stagewise.generation.engines import SamplingParams
+from stagewise.generation.padding import left_pad
 from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
+
+# per-episode statistics every batch carries (logged as episode/<name> for multi-turn domains)
+EPISODE_STATS = ("turns", "tool_calls", "tool_errors", "policy_tokens", "prompt_tokens")
 
 
 @dataclass
@@ -23,19 +27,24 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # (B, C) right-padded
     completion_mask: torch.Tensor  # (B, C) 1 on every real token after the prompt (policy and environment)
     policy_mask: torch.Tensor  # (B, C) 1 where the policy sampled the token (the only ones trained on)
-    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+    truncated: torch.Tensor  # (B,) bool: the episode ran out of turns or tokens, or a turn hit max_new_tokens
     rewards: torch.Tensor  # (B,) weighted sum of the reward functions
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,), NaN if unused
     texts: list[str] = field(default_factory=list)
     episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # turns, tool_calls, ... -> (B,)
     advantages: torch.Tensor | None = None  # (B,)
-    loss_mask: torch.Tensor | None = None  # (B, C) completion_mask minus dropped/masked rows
+    loss_mask: torch.Tensor | None = None  # (B, C) policy tokens (completion_mask & policy_mask) of the rows kept
     engine_logp: torch.Tensor | None = None  # (B, C) the rollout engine's log-probs, when it reports them
     old_logp: torch.Tensor | None = None  # (B, C) only when num_iterations > 1
     ref_logp: torch.Tensor | None = None  # (B, C) only when beta > 0
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
+
+    def micro_batches(self, size: int):
+        """Consecutive slices of ``size`` rows (the last may be shorter)."""
+        for start in range(0, len(self), size):
+            yield self.slice(start, start + size)
 
     def slice(self, start: int, end: int) -> RolloutBatch:
         """Rows start..end (a micro-batch); completion columns trimmed to the longest row in it."""
@@ -58,45 +67,45 @@ class RolloutBatch:
         return mb
 
 
-def generate_rollouts(engine, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,
-                      params: SamplingParams, limits: EpisodeLimits, seeds: list[int], device,
-                      all_done=None) -> RolloutBatch:
-    """Run G episodes per (domain, example) through the rollout engine and score them.
+def generate_rollouts(generator, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,
+                      params: SamplingParams, limits: EpisodeLimits, seeds: list[int], device) -> RolloutBatch:
+    """Run G episodes per (domain, example) with a rollout engine's generator and score them.
     seeds: one per episode. A single-turn domain's episode is one completion."""
-    eps = run_episodes(engine, tokenizer, examples, group_size=num_generations, seeds=seeds, params=params,
-                       limits=limits, all_done=all_done)
-    return batch_from_episodes(eps, tokenizer.pad_token_id, device)
+    episodes = run_episodes(generator, tokenizer, examples, group_size=num_generations, seeds=seeds, params=params,
+                            limits=limits)
+    return batch_from_episodes(episodes, tokenizer.pad_token_id, device)
 
 
-def batch_from_episodes(eps: list[Episode], pad_id: int, device) -> RolloutBatch:
+def batch_from_episodes(episodes: list[Episode], pad_id: int, device) -> RolloutBatch:
     """Episodes -> tensors: prompts left-padded, everything after them right-padded, policy tokens marked."""
-    B = len(eps)
-    prompt_ids, prompt_mask = left_pad([e.prompt for e in eps], pad_id, device)
-    C = max(max(len(e.tokens) for e in eps), 1)
+    B = len(episodes)
+    prompt_ids, prompt_mask = left_pad([e.prompt for e in episodes], pad_id, device)
+    C = max(max(len(e.tokens) for e in episodes), 1)
     comp = torch.full((B, C), pad_id, dtype=torch.long)
     cmask = torch.zeros((B, C), dtype=torch.long)
     pmask = torch.zeros((B, C), dtype=torch.long)
-    reported = bool(eps) and all(e.engine_logp is not None or not e.tokens for e in eps)
+    reported = bool(episodes) and all(e.engine_logp is not None or not e.tokens for e in episodes)
     elogp = torch.zeros((B, C), dtype=torch.float32) if reported else None
-    for i, e in enumerate(eps):
+    for i, e in enumerate(episodes):
         n = len(e.tokens)
         comp[i, :n] = torch.tensor(e.tokens, dtype=torch.long)
         cmask[i, :n] = 1
-        pmask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
+        pmask[i, :n] = torch.tensor(e.policy_mask, dtype=torch.long)
         if reported and n:
             elogp[i, :n] = torch.tensor(e.engine_logp, dtype=torch.float32)
     # every part a domain weighs or its environment reports (tau2: pass, db, actions, ...), logged as
     # reward/<part>; NaN where a row's domain has no such part (a replay mix of domains)
-    known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ()) for e in eps}
-    names = sorted(set().union(*known.values())) if eps else []
+    known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ()) for e in episodes}
+    names = sorted(set().union(*known.values())) if episodes else []
     parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in known[id(e.domain)] else float("nan")
-                              for e in eps]) for n in names}
-    stats = {"turns": [e.turns for e in eps], "tool_calls": [e.tool_calls for e in eps],
-             "tool_errors": [e.tool_errors for e in eps], "policy_tokens": [sum(e.policy) for e in eps],
-             "prompt_tokens": [len(e.prompt) for e in eps]}  # tau2's system prompt + tools: thousands
+                              for e in episodes]) for n in names}
+    stats = {"turns": [e.turns for e in episodes], "tool_calls": [e.tool_calls for e in episodes],
+             "tool_errors": [e.tool_errors for e in episodes], "policy_tokens": [sum(e.policy_mask) for e in episodes],
+             "prompt_tokens": [len(e.prompt) for e in episodes]}  # tau2's system prompt + tools: thousands
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
                         completion_mask=cmask.to(device), policy_mask=pmask.to(device),
                         engine_logp=None if elogp is None else elogp.to(device),
-                        truncated=torch.tensor([e.truncated for e in eps]), rewards=torch.tensor([e.reward for e in eps]),
-                        reward_parts=parts, texts=[e.transcript() for e in eps],
+                        truncated=torch.tensor([e.truncated for e in episodes]),
+                        rewards=torch.tensor([e.reward for e in episodes]),
+                        reward_parts=parts, texts=[e.transcript() for e in episodes],
                         episode_stats={k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()})

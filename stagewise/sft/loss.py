@@ -40,7 +40,8 @@ def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+               softcap: float | None) -> torch.Tensor:
     """hidden (n, H), targets (n,) -> (n,) fp32 negative log-likelihood."""
     logits = head(hidden).float()
     if softcap:

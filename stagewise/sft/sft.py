@@ -10,7 +10,8 @@ into rows of at most ``sft.max_seq_len`` tokens. The rows of step s are a pure f
 Each step: the step's ``sft.batch_size`` rows, each process its contiguous share  ->  micro-batches
 with gradient accumulation  ->  token-mean NLL over the whole step's learnt tokens (a global
 normaliser, so micro-batch x accumulation x processes does not change the gradient)  ->  clip,
-AdamW, schedule  ->  metrics, checkpoint.
+AdamW, schedule  ->  metrics, checkpoint. What every stage kind shares (the Accelerator, resume,
+the loss scaling, bad steps, stopping, checkpoints, export) is the stage scaffold's (``training/run.py``).
 
 ``sft.micro_batch_size: auto`` probes the largest micro-batch that fits before training: full-length
 rows, forward + backward + an optimizer step (so AdamW's states are counted), from the per-process
@@ -24,39 +25,83 @@ from __future__ import annotations
 import gc
 import json
 import math
-import random
-import time
-from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
 
 from stagewise import faults
-from stagewise.checkpoint import MANIFEST, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagewise.checkpoint import MANIFEST
 from stagewise.config import RunConfig
-from stagewise.continual.stage import StageJob, StageKind
-from stagewise.domains import Domain
+from stagewise.domains.base import Domain
 from stagewise.errors import ConfigError, TrainingError
-from stagewise.models import load_model, load_model_config
-from stagewise.optim import make_adamw, make_scheduler
+from stagewise.models import load_model
 from stagewise.parallel import runtime
-from stagewise.parallel.engine import TrainEngine
-from stagewise.parallel.stop import agreed_stop
-from stagewise.registry import register
+from stagewise.parallel.collectives import device, reduce_sum
+from stagewise.seeds import epoch_rng, replay_rng
 from stagewise.sft.data import PackedRow, pack, tokenize_conversation
 from stagewise.sft.loss import SFTLoss, collate
-from stagewise.tracking import PeakMemory, StepProgress, print0
+from stagewise.tracking import print0
+from stagewise.training.run import StageRun, build_strategy, resume_checkpoint
+from stagewise.training.stage import StageJob, StageResult
+from stagewise.training.step_stats import reduce_step_stats
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def train_sft_stage(job: StageJob) -> StageResult:
+    cfg, tok, sft_cfg = job.cfg, job.tokenizer, job.part("sft")
+    world = runtime.world_size_from_env()
+    per_process = sft_cfg.batch_size // world
+
+    examples, counts = training_examples(job, tok, sft_cfg.max_seq_len)
+    stream = RowStream(examples, seed=cfg.seed, stage=job.index, max_len=sft_cfg.max_seq_len, packing=sft_cfg.packing)
+    rows_per_epoch = len(stream.epoch(0))
+    stage = job.stage
+    total_steps = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * rows_per_epoch
+                                                                               / sft_cfg.batch_size))
+    checkpoint = resume_checkpoint(job)
+    micro, too_big = micro_batch_size(job, per_process, total_steps, checkpoint)
+    accumulation = per_process // micro
+    run = StageRun(job, SFTLoss(load_model(job.init_path, cfg.model), sft_cfg.loss_chunk), micro_batch=micro,
+                   accumulation=accumulation, total_steps=total_steps, checkpoint=checkpoint,
+                   describe=f"{counts['examples']} examples -> {rows_per_epoch} rows of <= {sft_cfg.max_seq_len} "
+                            f"tokens per epoch, {total_steps} steps",
+                   start_log={"micro_batch_too_big": too_big, "rows_per_epoch": rows_per_epoch, **counts})
+
+    while not run.finished:
+        step = run.begin_step()
+        rows = stream.step_rows(step, sft_cfg.batch_size)[run.rank * per_process:(run.rank + 1) * per_process]
+        learnt_local = sum(sum(t != -100 for t in r.targets) for r in rows)
+        n_tok = int(reduce_sum(torch.tensor([float(learnt_local)], device=run.device)).item())
+        loss_sum = torch.zeros((), device=run.device)
+        for k in range(accumulation):
+            batch = collate(rows[k * micro:(k + 1) * micro], tok.pad_token_id, run.device)
+            with run.accumulate():
+                nll = run.model(**batch)
+                loss = run.backward(nll.sum() / max(n_tok, 1), last=k == accumulation - 1)
+            loss_sum = loss_sum + loss.detach().float()
+        run.optimizer_step()
+
+        total, _ = reduce_step_stats(run.device, rows={}, sums={
+            "loss": loss_sum, "tokens": torch.tensor(float(sum(len(r) for r in rows)), device=run.device)})
+        step_time = run.elapsed()
+        metrics = {"loss": total["loss"], "learnt_tokens": n_tok, "tokens_per_s": total["tokens"] / step_time,
+                   "learnt_tokens_per_s": n_tok / step_time, "step_time": step_time}
+        if run.end_step(metrics, samples=sft_cfg.batch_size, curve=metrics["loss"],
+                        progress={"loss": metrics["loss"], "tok_s": metrics["tokens_per_s"]}):
+            return run.stopped()
+    return run.finish(tok)
 
 
 def check_sft_stage(cfg: RunConfig, i: int, world: int) -> None:
-    st, sc = cfg.stages[i], cfg.stage_part(i, "sft")
-    if st.tasks_per_domain is not None:
+    stage, sft_cfg = cfg.stages[i], cfg.stage_part(i, "sft")
+    if stage.tasks_per_domain is not None:
         raise ConfigError(f"stages.{i}.tasks_per_domain: an sft stage is measured in steps or epochs")
-    if sc.batch_size % world:
-        raise ConfigError(f"stages.{i}: sft.batch_size={sc.batch_size} must be divisible by the {world} processes")
-    per = sc.batch_size // world
-    if sc.micro_batch_size != "auto" and per % sc.micro_batch_size:
-        raise ConfigError(f"stages.{i}: sft.micro_batch_size={sc.micro_batch_size} must divide the {per} rows "
+    if sft_cfg.batch_size % world:
+        raise ConfigError(f"stages.{i}: sft.batch_size={sft_cfg.batch_size} must be divisible by the {world} processes")
+    per = sft_cfg.batch_size // world
+    if sft_cfg.micro_batch_size != "auto" and per % sft_cfg.micro_batch_size:
+        raise ConfigError(f"stages.{i}: sft.micro_batch_size={sft_cfg.micro_batch_size} must divide the {per} rows "
                           f"each process trains on per step")
 
 
@@ -74,7 +119,7 @@ class RowStream:
 
     def _epoch(self, e: int) -> list[PackedRow]:
         order = list(range(len(self.examples)))
-        random.Random(f"{self.seed}:{self.stage}:epoch{e}").shuffle(order)
+        epoch_rng(self.seed, self.stage, e).shuffle(order)
         return pack([self.examples[i] for i in order], self.max_len, self.packing)
 
     def step_rows(self, step: int, batch: int) -> list[PackedRow]:
@@ -93,11 +138,11 @@ class RowStream:
 
 def training_examples(job: StageJob, tok, max_len: int) -> tuple[list, dict]:
     """Tokenized (ids, learnt-mask) examples of the stage's domains, plus replay; and counts."""
-    st = job.cfg.stages[job.index]
+    replay = job.stage.replay
     own = [(d, ex) for d in job.domains for ex in d.train]
-    rng = random.Random(f"{job.cfg.seed}:{job.index}:replay")
+    rng = replay_rng(job.cfg.seed, job.index)
     replay_pool = [(d, ex) for d in job.replay_domains for ex in d.train]
-    n_replay = round(len(own) * st.replay / (1 - st.replay)) if replay_pool and st.replay else 0
+    n_replay = round(len(own) * replay / (1 - replay)) if replay_pool and replay else 0
     chosen = own + [replay_pool[rng.randrange(len(replay_pool))] for _ in range(n_replay)]
     examples, too_long = [], 0
     for _, ex in chosen:
@@ -114,180 +159,60 @@ def training_examples(job: StageJob, tok, max_len: int) -> tuple[list, dict]:
 # --- micro-batch --------------------------------------------------------------------------------
 
 
+def micro_batch_size(job: StageJob, per_process: int, total_steps: int, checkpoint) -> tuple[int, list[int]]:
+    """The stage's micro-batch and the sizes that ran out of memory: sft.micro_batch_size, or
+    (``auto``) the size a resumed stage started with, or the largest that fits."""
+    sft_cfg = job.part("sft")
+    if sft_cfg.micro_batch_size != "auto":
+        return sft_cfg.micro_batch_size, []
+    saved = json.loads((checkpoint / MANIFEST).read_text()).get("micro_batch") if checkpoint else None
+    if saved:
+        return int(saved), []
+    micro, too_big = choose_micro_batch(job, per_process, total_steps)
+    print0(f"[stagewise] {job.label}: automatic micro-batch: {micro} rows of {sft_cfg.max_seq_len} tokens fit"
+           + (f" ({', '.join(map(str, too_big))} ran out of memory)" if too_big else ""))
+    return micro, too_big
+
+
 def is_oom(e: BaseException) -> bool:
     from accelerate.utils.memory import should_reduce_batch_size
 
     return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
 
 
-def choose_micro_batch(job: StageJob, per_process: int, build) -> tuple[int, list[int]]:
+def choose_micro_batch(job: StageJob, per_process: int, total_steps: int) -> tuple[int, list[int]]:
     """The largest divisor of the per-process rows whose probe step fits in memory, and the sizes
-    that did not. ``build(micro, gas)`` -> TrainEngine."""
-    sc = job.cfg.stage_part(job.index, "sft")
+    that did not."""
+    sft_cfg = job.part("sft")
     too_big: list[int] = []
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
-        engine, failed = None, False
+        strategy, failed = None, False
         try:
-            engine = build(micro, 1)
-            dev = engine.acc.device
-            faults.maybe_oom(stage=job.index + 1, micro=micro, rank=engine.acc.process_index)
-            V = engine.lm.config.vocab_size
-            rows = [PackedRow(ids=[(7 * k + r) % V for k in range(sc.max_seq_len)],
-                              positions=list(range(sc.max_seq_len)),
-                              targets=[(7 * k + 7 + r) % V for k in range(sc.max_seq_len)]) for r in range(micro)]
-            with engine.accumulate():
-                nll = engine.model(**collate(rows, 0, dev))
-                engine.backward(nll.mean(), last=True)
-            engine.step()  # allocates AdamW's states (the probe's weights are thrown away)
+            strategy = build_strategy(job, SFTLoss(load_model(job.init_path, job.cfg.model), sft_cfg.loss_chunk),
+                                      micro_batch=micro, accumulation=1, optimizer_steps=total_steps)
+            faults.maybe_oom(stage=job.index + 1, micro=micro, rank=strategy.acc.process_index)
+            vocab = strategy.lm.config.vocab_size
+            length = sft_cfg.max_seq_len
+            rows = [PackedRow(ids=[(7 * k + r) % vocab for k in range(length)], positions=list(range(length)),
+                              targets=[(7 * k + 7 + r) % vocab for k in range(length)]) for r in range(micro)]
+            with strategy.accumulate():
+                nll = strategy.model(**collate(rows, 0, strategy.device))
+                strategy.backward(nll.mean(), last=True)
+            strategy.step()  # allocates AdamW's states (the probe's weights are thrown away)
         except Exception as e:
             if not is_oom(e):
                 raise
             failed = True
         finally:
-            if engine is not None:
-                engine.acc.free_memory()
-            del engine
+            if strategy is not None:
+                strategy.acc.free_memory()
+            del strategy
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        votes = runtime.reduce_sum(torch.tensor([float(failed)], device=runtime.device()))
+        votes = reduce_sum(torch.tensor([float(failed)], device=device()))
         if votes.item() == 0:
             return micro, too_big
         too_big.append(micro)
-    raise TrainingError(f"{job.label}: even a micro-batch of 1 row of {sc.max_seq_len} tokens runs out of memory; "
+    raise TrainingError(f"{job.label}: even a micro-batch of 1 row of {sft_cfg.max_seq_len} tokens runs out of memory; "
                         f"lower sft.max_seq_len, enable model.gradient_checkpointing, or use zero3 with offload")
-
-
-# --- the stage ---------------------------------------------------------------------------------
-
-
-def train_sft_stage(job: StageJob) -> dict:
-    cfg, tok = job.cfg, job.tokenizer
-    sc, oc = cfg.stage_part(job.index, "sft"), cfg.stage_part(job.index, "optim")
-    st = cfg.stages[job.index]
-    world = runtime.world_size_from_env()
-    per_process = sc.batch_size // world
-
-    examples, counts = training_examples(job, tok, sc.max_seq_len)
-    stream = RowStream(examples, seed=cfg.seed, stage=job.index, max_len=sc.max_seq_len, packing=sc.packing)
-    rows_per_epoch = len(stream.epoch(0))
-    total_steps = st.steps if st.steps is not None else max(1, math.ceil(st.epochs * rows_per_epoch / sc.batch_size))
-    hidden = getattr(load_model_config(job.init_path, cfg.model.trust_remote_code), "hidden_size", 1024)
-
-    def build(micro: int, gas: int) -> TrainEngine:
-        acc = runtime.build_accelerator(cfg.dist, grad_accum=gas, micro_batch=micro, max_grad_norm=oc.max_grad_norm,
-                                        hidden_size=hidden, output_dir=str(job.run_dir), stage_dir=str(job.out_dir))
-
-        return TrainEngine.create(acc, cfg.dist.strategy, SFTLoss(load_model(job.init_path, cfg.model), sc.loss_chunk),
-                                  lambda params: make_adamw(params, oc, cfg.dist.strategy),
-                                  lambda opt: make_scheduler(opt, oc, total_steps), max_grad_norm=oc.max_grad_norm,
-                                  mixed_precision=cfg.dist.mixed_precision)
-
-    ckpt = latest_checkpoint(job.out_dir) if job.resume else None
-    saved_micro = json.loads((ckpt / MANIFEST).read_text()).get("micro_batch") if ckpt else None
-    if sc.micro_batch_size == "auto" and saved_micro:  # resume with the size the stage started with
-        micro, too_big = int(saved_micro), []
-    elif sc.micro_batch_size == "auto":
-        micro, too_big = choose_micro_batch(job, per_process, build)
-        print0(f"[stagewise] {job.label}: automatic micro-batch: {micro} rows of {sc.max_seq_len} tokens fit"
-               + (f" ({', '.join(map(str, too_big))} ran out of memory)" if too_big else ""))
-    else:
-        micro, too_big = sc.micro_batch_size, []
-    gas = per_process // micro
-    engine = build(micro, gas)
-    acc = engine.acc
-    print0(f"[stagewise] {job.label}: {runtime.describe(acc, cfg.dist.strategy, micro, gas)}; {counts['examples']} "
-           f"examples -> {rows_per_epoch} rows of <= {sc.max_seq_len} tokens per epoch, {total_steps} steps")
-    counters = job.counters
-    counters.step, counters.samples = 0, 0
-    if ckpt is not None:
-        load_checkpoint(engine, ckpt, job.counters)
-        print0(f"[stagewise] {job.label}: resumed from {ckpt} (step {counters.step}/{total_steps})")
-    job.tracker.log({"stage": job.index + 1, "kind": "sft", "micro_batch": micro, "accumulation": gas,
-                     "micro_batch_too_big": too_big, "rows_per_epoch": rows_per_epoch, **counts,
-                     "master_dtype": str(engine.master_dtype()).removeprefix("torch.")}, step=job.global_step_offset)
-
-    bar = StepProgress(total_steps, f"stage {job.index + 1} {st.name or '+'.join(st.domains)} (sft)",
-                       cfg.logging.progress, start=counters.step)
-    with PeakMemory() as peak:
-        stopped = _train_steps(job, engine, stream, bar, peak, total_steps=total_steps, micro=micro, gas=gas)
-    bar.close()
-    if stopped:
-        acc.free_memory()
-        return {"stopped": True, "step": counters.step, "steps": total_steps}
-    job.tracker.log({"stage": job.index + 1, "stage_peak_memory_mb": peak.mb}, step=job.global_step_offset + total_steps)
-    export_model(engine, tok, job.out_dir / "model", init_path=job.init_path, model_cfg=cfg.model,
-                 extra={"stage": job.index, "steps": total_steps, "kind": "sft"})
-    acc.free_memory()
-    return {"stopped": False, "step": counters.step, "steps": total_steps, "model": str(job.out_dir / "model")}
-
-
-def _train_steps(job: StageJob, engine: TrainEngine, stream: RowStream, bar, peak, *, total_steps: int, micro: int,
-                 gas: int) -> bool:
-    """The step loop; True when it stopped early (--stop-after), after checkpointing."""
-    cfg, tok, st = job.cfg, job.tokenizer, job.cfg.stages[job.index]
-    sc, oc = cfg.stage_part(job.index, "sft"), cfg.stage_part(job.index, "optim")
-    acc, model, scheduler, counters = engine.acc, engine.model, engine.scheduler, job.counters
-    world, rank = acc.num_processes, acc.process_index
-    per_process = sc.batch_size // world
-    bad_in_a_row, bad_total, probe = 0, 0, {}
-    while counters.step < total_steps:
-        step, t_start = counters.step, time.time()
-        where = dict(stage=job.index + 1, step=step + 1, rank=rank)
-        faults.maybe_raise(**where)
-        rows = stream.step_rows(step, sc.batch_size)[rank * per_process:(rank + 1) * per_process]
-        n_local = sum(sum(t != -100 for t in r.targets) for r in rows)
-        n_tok = int(runtime.reduce_sum(torch.tensor([float(n_local)], device=acc.device)).item())
-        sums = torch.zeros(2, device=acc.device)  # loss, learnt tokens
-        for k in range(gas):
-            batch = collate(rows[k * micro:(k + 1) * micro], tok.pad_token_id, acc.device)
-            first = not probe and k == 0
-            with engine.accumulate(), (engine.compute_dtype_probe(probe) if first else nullcontext()):
-                nll = model(**batch)
-                loss = nll.sum() / max(n_tok, 1)
-                if faults.active("nan_loss", **where):
-                    loss = loss * float("nan")
-                # accelerate divides by gas and DDP/ZeRO/FSDP average over processes: undo both
-                engine.backward(loss * world * gas, last=k == gas - 1)
-            sums += torch.stack([loss.detach().float(), torch.tensor(float(nll.numel()), device=acc.device)])
-        info = engine.step()
-        scheduler.step()
-        bad_total += int(info["bad"])
-        bad_in_a_row = bad_in_a_row + 1 if info["bad"] else 0
-        if bad_in_a_row >= oc.max_bad_steps:
-            raise TrainingError(f"{job.label}, step {step + 1}: {bad_in_a_row} optimizer steps in a row had a non-finite "
-                                f"loss or gradient norm and were skipped (optim.max_bad_steps={oc.max_bad_steps}); "
-                                f"lower optim.lr or check the data, then continue with --resume")
-        counters.step += 1
-        counters.samples += sc.batch_size
-        red = runtime.reduce_sum(sums)
-        all_tokens = runtime.reduce_sum(torch.tensor([float(sum(len(r) for r in rows))], device=acc.device))
-        step_time = time.time() - t_start
-        metrics = {"stage": job.index + 1, "stage_step": counters.step, "loss": red[0].item(),
-                   "grad_norm": info["grad_norm"], "lr": scheduler.get_last_lr()[0], "skipped_steps": int(info["skipped"]),
-                   "bad_steps_total": bad_total, "learnt_tokens": n_tok, "tokens_per_s": all_tokens.item() / step_time,
-                   "learnt_tokens_per_s": n_tok / step_time, "step_time": step_time, "peak_memory_mb": peak.mb}
-        if "dtype" in probe and not probe.get("logged"):
-            metrics["train_compute_dtype"] = str(probe["dtype"]).removeprefix("torch.")
-            probe["logged"] = True
-        if info["skipped"]:
-            print0(f"[stagewise] {job.label}, step {counters.step}: non-finite loss or gradient norm, update skipped "
-                   f"on every rank ({bad_in_a_row} in a row, limit optim.max_bad_steps={oc.max_bad_steps})")
-        job.curve.append(metrics["loss"])
-        if counters.step % cfg.logging.log_every == 0 or counters.step == total_steps or "train_compute_dtype" in metrics:
-            job.tracker.log(metrics, step=job.global_step_offset + counters.step)
-        bar.update(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
-
-        signalled = agreed_stop(engine.acc.device)  # SIGTERM / SIGINT on any rank (collective)
-        stopping = counters.step < total_steps and (signalled or (job.stop_after is not None
-                                                                  and counters.step >= job.stop_after))
-        if counters.step < total_steps and ((cfg.checkpoint.every and counters.step % cfg.checkpoint.every == 0) or stopping):
-            save_checkpoint(engine, job.out_dir, counters.step, {"stage": job.index, "stage_name": st.name,
-                                                                 "total_steps": total_steps, "micro_batch": micro},
-                            cfg.checkpoint.keep_last, counters=counters)
-        if stopping:
-            return True
-    return False
-
-
-register("stage", "sft")(StageKind(train=train_sft_stage, check=check_sft_stage, needs_reward=False))

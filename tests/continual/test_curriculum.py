@@ -7,7 +7,6 @@ import yaml
 
 from stagewise.continual.curriculum import run_curriculum
 from stagewise.errors import StagewiseError
-
 from tests.helpers import tiny_config, tiny_raw
 
 
@@ -28,6 +27,10 @@ def test_two_stages_end_to_end(tiny_model_dir, tmp_path):
     for key in ("reward/sevens", "completion_len_mean", "clip_ratio", "entropy", "grad_norm",
                 "lr", "gen_time", "train_time", "tokens_per_s", "frac_zero_variance_groups"):
         assert key in steps[0], key
+    # the product's default precision: fp32 master weights, the training forward computed in bf16
+    assert [(r["stage"], r["train_compute_dtype"]) for r in steps if "train_compute_dtype" in r] == [
+        (1, "bfloat16"), (2, "bfloat16")]
+    assert {r["master_dtype"] for r in rows if "master_dtype" in r} == {"float32"}
     assert "| base |" in (out / "report.md").read_text()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,9 +55,9 @@ def test_resume_after_kill_between_stages_gives_same_matrix(tiny_model_dir, tmp_
 
 
 def test_replay_mixes_earlier_domains(tiny_model_dir, tmp_path):
-    from stagewise.domains import build_domain
-    from stagewise.continual.stage import StageJob
+    from stagewise.domains.base import build_domain
     from stagewise.rl.grpo import pick_examples
+    from stagewise.training.stage import StageJob
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "r")
     add, mx = (build_domain(s, 0) for s in cfg.domains)
@@ -67,29 +70,30 @@ def test_replay_mixes_earlier_domains(tiny_model_dir, tmp_path):
 
 
 def test_cli_run_pins_numbers_and_writes_resolved_config(tiny_model_dir, tmp_path):
-    """The real CLI on the tiny model with the product's defaults (bf16 autocast, TensorBoard on):
-    rewards, gradient norms and entropies of every step pinned, so any change to sampling, loss,
-    scaling or precision shows up here (numbers recorded from this code on this CPU)."""
+    """The real CLI on the tiny model: rewards, gradient norms and entropies of every step pinned, so
+    any change to sampling, loss or scaling shows up here. Pinned numbers must hold on every CPU of
+    this kind, so this run computes in fp32 on the CPU (bf16 kernels round differently from one CPU
+    to the next); the default bf16 compute is checked by test_two_stages_end_to_end."""
     raw = tiny_raw(tiny_model_dir, tmp_path / "cli", stages=2, steps=2)
     raw["ablations"] = {"hi_lr": {"optim.lr": 0.01}}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
-    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(p), "--ablation", "hi_lr", "eval.batch_size=4"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(p), "--ablation", "hi_lr", "eval.batch_size=4",
+                        "dist.mixed_precision=no", "dist.cpu=true"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.01 and saved["eval"]["batch_size"] == 4 and saved["ablation"] == "hi_lr"
-    assert saved["dist"]["mixed_precision"] == "bf16" and saved["logging"]["tensorboard"] is True
+    assert saved["dist"]["mixed_precision"] == "no" and saved["logging"]["tensorboard"] is True
     assert "accuracy matrix" in r.stdout
     assert list((tmp_path / "cli" / "tb").rglob("events.out.tfevents.*"))  # TensorBoard really wrote
     steps = [x for x in map(json.loads, (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
     assert [x["reward"] for x in steps] == pytest.approx([0.0208333, 0.0, 0.0416667, 0.0416667], abs=1e-6)
-    assert [x["grad_norm"] for x in steps] == pytest.approx([1.2280869, 0.0, 2.8126316, 1.3085603], rel=1e-4)
-    assert [x["entropy"] for x in steps] == pytest.approx([5.5351054, 5.5271708, 5.5182241, 5.4043058], rel=1e-5)
+    assert [x["grad_norm"] for x in steps] == pytest.approx([1.2270442, 0.0, 3.5976686, 1.1804760], rel=1e-4)
+    assert [x["entropy"] for x in steps] == pytest.approx([5.5351111, 5.5274175, 5.5192019, 5.4519641], rel=1e-5)
     assert [x["loss"] for x in steps] == pytest.approx([0.0] * 4, abs=1e-6)  # ratio 1: advantages sum to 0
     # the training forward's real dtype, recorded once per stage
     assert [(x["stage"], x["train_compute_dtype"]) for x in steps if "train_compute_dtype" in x] == [
-        (1, "bfloat16"), (2, "bfloat16")]
+        (1, "float32"), (2, "float32")]
     assert json.loads((tmp_path / "cli" / "curriculum.json").read_text())["rows"] == {
         "0": [0.0, 0.0], "1": [0.0, 0.0], "2": [0.0, 0.0]}
 
@@ -112,7 +116,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model_dir, tmp_pat
 
 
 def test_continual_command_runs_builtin_three_domains(tiny_model_dir, tmp_path):
-    """The seed's command: `stagewise continual --model M --tasks-per-domain N` (small sizes here)."""
+    """The reference command: `stagewise continual --model M --tasks-per-domain N` (small sizes here)."""
     out = tmp_path / "cont"
     r = subprocess.run([sys.executable, "-m", "stagewise", "continual", "--model", str(tiny_model_dir),
                         "--tasks-per-domain", "2", "--output-dir", str(out), "rollout.max_new_tokens=3",

@@ -4,7 +4,7 @@ import pytest
 
 from stagewise.config import DomainSpec
 from stagewise.continual.curriculum import run_curriculum
-from stagewise.domains import build_domain
+from stagewise.domains.base import build_domain
 from stagewise.errors import ConfigError
 from tests.helpers import tiny_config
 

@@ -4,9 +4,10 @@ import sys
 import pytest
 
 from stagewise.config import DomainSpec, RewardSpec
-from stagewise.domains import Domain, build_domain
+from stagewise.domains.base import Domain, build_domain
 from stagewise.errors import ConfigError, DataError
 from stagewise.registry import names
+from tests.helpers import correct
 
 
 @pytest.mark.parametrize("name", ["add", "max", "sub", "mul", "next", "smaller"])
@@ -24,20 +25,19 @@ def test_builtin_splits_are_disjoint_and_seeded(name):
 def test_rewards_and_metric_of_builtin_domains():
     add = build_domain(DomainSpec(name="add"), 0)
     ex = {"prompt": "What is 2 + 3?", "answer": "5"}
-    assert add.score("2 + 3 = 5", ex)["last_number"] == 1.0 and add.correct("2 + 3 = 5", ex)
-    assert not add.correct("5 is not 6", ex)
+    assert add.score("2 + 3 = 5", ex)["last_number"] == 1.0 and correct(add, "2 + 3 = 5", ex)
+    assert not correct(add, "5 is not 6", ex)
     mx = build_domain(DomainSpec(name="max"), 0)
     ex = {"prompt": "Which number is larger, 11 or 85?", "answer": "85", "options": [11, 85]}
-    assert not mx.correct("11 is larger than 85.", ex)  # the last number would say yes: gameable
-    assert mx.correct("85", ex) and mx.correct("The larger number is 85.", ex)
-    s = mx.score("85", ex)
-    assert s["_total"] == pytest.approx(1.0 + 0.2 * 1.0)
+    assert not correct(mx, "11 is larger than 85.", ex)  # the last number would say yes: gameable
+    assert correct(mx, "85", ex) and correct(mx, "The larger number is 85.", ex)
+    assert mx.weigh(mx.score("85", ex)) == pytest.approx(1.0 + 0.2 * 1.0)
 
 
 def test_reward_override_from_config():
     d = build_domain(DomainSpec(name="add", rewards=[RewardSpec(name="numeric", weight=2.0)]), 0)
     assert d.rewards == [("numeric", 2.0)]
-    assert d.score("7", {"answer": "7"})["_total"] == 2.0
+    assert d.weigh(d.score("7", {"answer": "7"})) == 2.0
 
 
 def write_jsonl(path, lines):
@@ -52,7 +52,7 @@ def test_jsonl_domain_loads_and_splits(tmp_path):
     d = build_domain(DomainSpec(name="caps", type="jsonl", eval_size=5, args={"path": p, "reward": "contains"}), 0)
     assert len(d.eval) == 5 and len(d.train) == 26
     assert not ({json.dumps(e["prompt"]) for e in d.train} & {json.dumps(e["prompt"]) for e in d.eval})
-    assert d.correct("It is City7.", {"answer": "city7"})
+    assert correct(d, "It is City7.", {"answer": "city7"})
 
 
 def test_jsonl_with_bom_and_blank_lines_is_accepted(tmp_path):
@@ -89,13 +89,13 @@ def test_jsonl_unknown_reward_type(tmp_path):
 
 def test_plugin_domain_from_user_module(tmp_path, monkeypatch):
     (tmp_path / "my_tasks.py").write_text(
-        "from stagewise.domains import Domain\n"
+        "from stagewise.domains.base import Domain\n"
         "def build(spec, seed):\n"
         "    items = [{'prompt': f'say {i}', 'answer': str(i)} for i in range(20)]\n"
         "    return Domain(spec.name, items[5:], items[:5], [('exact', 1.0)], 'exact')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     d = build_domain(DomainSpec(name="echo", type="my_tasks:build"), 0)
-    assert isinstance(d, Domain) and len(d.eval) == 5 and d.correct("3.", {"answer": "3"})
+    assert isinstance(d, Domain) and len(d.eval) == 5 and correct(d, "3.", {"answer": "3"})
     with pytest.raises(ConfigError, match="cannot load plugin"):
         build_domain(DomainSpec(name="x", type="my_tasks:nope"), 0)
     sys.modules.pop("my_tasks", None)

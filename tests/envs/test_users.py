@@ -73,8 +73,10 @@ def test_endpoint_that_does_not_answer_is_one_clear_error():
 
 def test_scripted_user_carries_out_the_tasks_user_actions_then_stops():
     act = lambda name, who: SimpleNamespace(name=name, arguments={"on": True}, requestor=who)  # noqa: E731
-    task = SimpleNamespace(id="t1", user_scenario=SimpleNamespace(instructions=SimpleNamespace(reason_for_call="No data.")),
-                           evaluation_criteria=SimpleNamespace(actions=[act("toggle_data", "user"), act("enable_roaming", "assistant"),
+    task = SimpleNamespace(id="t1",
+                           user_scenario=SimpleNamespace(instructions=SimpleNamespace(reason_for_call="No data.")),
+                           evaluation_criteria=SimpleNamespace(actions=[act("toggle_data", "user"),
+                                                                        act("enable_roaming", "assistant"),
                                                                         act("toggle_roaming", "user")]))
     s = ScriptedUser(first="[{id}] {reason_for_call}").session(system="", tools=[], task=task)
     assert s.first_message("Hi!") == "[t1] No data."
@@ -103,7 +105,8 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
     monkeypatch.setattr(users, "_policy_weights", [])
     loaded = []
     real = users._load_user_model
-    monkeypatch.setattr(users, "_load_user_model", lambda name, device, dtype: loaded.append(name) or real(name, device, dtype))
+    monkeypatch.setattr(users, "_load_user_model",
+                        lambda name, device, dtype: loaded.append(name) or real(name, device, dtype))
 
     def first(user):
         return user.session(system="You are a customer.", tools=[]).first_message("Hi! How can I help?")
@@ -131,7 +134,7 @@ def test_bad_user_simulator_specs(spec, message):
 def test_local_model_user_answers_several_conversations_in_one_batch(tiny_chat_dir, monkeypatch):
     """respond_all over three sessions of one local user: one sampler call for all three, the same
     greedy replies as answering each alone, and each session's history is its own."""
-    import stagewise.rl.sampling as sampling
+    import stagewise.generation.sampling as sampling
     from stagewise.envs.users import respond_all
 
     user = LocalModelUser(model=str(tiny_chat_dir), max_new_tokens=6, dtype="float32")

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from stagewise.config import DistConfig
-from stagewise.parallel.deepspeed_config import check_user_config, load_user_config, make_deepspeed_config, write_config
 from stagewise.errors import ConfigError
+from stagewise.parallel.deepspeed_config import check_user_config, load_user_config, make_deepspeed_config, write_config
 
 
 def make(strategy="zero3", **kw):
@@ -27,7 +27,8 @@ def test_offload_sections():
     z = make(offload="optimizer_and_params")["zero_optimization"]
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     z = make("zero2", offload="optimizer", offload_device="nvme", nvme_path="/nvme")["zero_optimization"]
-    assert z["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"} and "offload_param" not in z
+    assert (z["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+            and "offload_param" not in z)
     assert "stage3_prefetch_bucket_size" not in z
 
 
@@ -95,5 +96,5 @@ def test_user_json_end_to_end_check_is_clear(tmp_path):
     cfg = load_config(raw={"domains": [{"name": "add"}], "stages": [{"domains": ["add"], "steps": 1}],
                            "dist": {"strategy": "zero2", "deepspeed_config": str(tmp_path / "ds.json")}})
     with pytest.raises(ConfigError, match="ds.json: gradient_accumulation_steps=7 but the run uses 1"):
-        check_user_config(load_user_config(cfg.dist.deepspeed_config), make("zero2") | {"gradient_accumulation_steps": 1},
-                          cfg.dist.deepspeed_config)
+        check_user_config(load_user_config(cfg.dist.deepspeed_config),
+                          make("zero2") | {"gradient_accumulation_steps": 1}, cfg.dist.deepspeed_config)

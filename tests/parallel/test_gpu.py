@@ -10,7 +10,6 @@ import torch
 
 from stagewise.config import load_config
 from stagewise.continual.curriculum import run_curriculum
-
 from tests.helpers import load_weights, tiny_raw
 
 pytestmark = pytest.mark.gpu
@@ -37,8 +36,8 @@ def test_fsdp2_one_process(tiny_model_dir, tmp_path):
 
     p = tmp_path / "fsdp.yaml"
     p.write_text(yaml.safe_dump(_raw(tiny_model_dir, tmp_path / "fsdp", strategy="fsdp")))
-    r = subprocess.run([sys.executable, "-m", "stagewise", "launch", "--strategy", "fsdp", "--num-processes", "1", str(p)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "stagewise", "launch", "--strategy", "fsdp", "--num-processes", "1",
+                        str(p)], capture_output=True, text=True, timeout=900)
     print(r.stdout[-2000:], r.stderr[-3000:])
     assert r.returncode == 0
     from transformers import AutoModelForCausalLM
@@ -52,6 +51,6 @@ def test_nccl_ddp_two_gpus(tiny_model_dir, tmp_path):
 
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(_raw(tiny_model_dir, tmp_path / "ddp", strategy="ddp")))
-    r = subprocess.run([sys.executable, "-m", "stagewise", "launch", "--strategy", "ddp", "--num-processes", "2", str(p)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "stagewise", "launch", "--strategy", "ddp", "--num-processes", "2",
+                        str(p)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,13 +1,15 @@
 """SIGKILL at random moments, resume, repeat: the final weights and accuracy matrix equal an
 uninterrupted run's, bit for bit.
 
-Each round restarts the run with ``--resume`` and either kills it after a random delay (any moment:
-start-up, sampling, a backward pass, a checkpoint write) or arms a kill at a named point through the
-fault hooks (``STAGEWISE_FAULTS=kill@at=...``): inside a checkpoint write (files written but no
-manifest; manifest written but not renamed; renamed but old ones not pruned), half-way through a
-stage's export, or at evaluation between stages. The points are chosen ahead of the run's progress so
-that they are reached. Two processes: the launcher and both ranks are killed, or one rank only (the
-launcher then stops the other), or the launcher only (the ranks exit by themselves).
+Each round restarts the run with ``--resume`` and kills it once more, until every kind of kill has
+happened once (``kill_plan``): armed at a named point through the fault hooks
+(``STAGEWISE_FAULTS=kill@at=...``), inside a checkpoint write (files written but no manifest;
+manifest written but not renamed; renamed but old ones not pruned), half-way through a stage's export,
+or at an evaluation; then at a random moment: during start-up, or just after a checkpoint (sampling,
+a backward pass, the next checkpoint write). The armed points are placed ahead of the run's progress so
+that they are reached.
+Two processes: the launcher and both ranks are killed, or one rank only (the launcher then stops the
+other), or the launcher only (the ranks exit by themselves).
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from tests.parallel.test_multiprocess import free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12  # per stage, 2 stages
-KILLS = 20
+STEPS = 6  # per stage, 2 stages: a checkpoint every step, so every kill point is reached in each
 IN_WRITE = ("ckpt_state", "ckpt_manifest", "ckpt_renamed", "export")
 
 
@@ -104,58 +105,92 @@ def kill_tree(root: int) -> None:
             pass
 
 
+def kill_plan(strategy: str) -> list[str]:
+    """Every kind of kill, once: each named point inside a write or between stages, then after a random
+    delay the whole tree, and with two processes one rank alone and the launcher alone."""
+    timed = ["tree"] if strategy == "single" else ["tree", "one_rank", "launcher"]
+    return ["eval", "ckpt_state", "ckpt_manifest", "ckpt_renamed", "export"] + [f"timed:{how}" for how in timed]
+
+
+def armed_point(point: str, out: Path, rng: random.Random) -> str | None:
+    """The fault condition that makes the run reach ``point`` from where it stands, or None when it
+    cannot be reached any more (``where`` of STAGEWISE_FAULTS)."""
+    stage, last = progress(out)
+    state = out / "curriculum.json"
+    evaluated = json.loads(state.read_text())["rows"] if state.is_file() else {}
+    if point == "eval":
+        return f"stage={stage - 1}" if stage <= 3 and str(stage - 1) not in evaluated else None
+    if point == "export":
+        return f"stage={stage}" if stage <= 2 else None
+    if stage <= 2 and last + 1 < STEPS:  # a checkpoint write of a step ahead
+        return f"step={rng.randint(last + 1, min(last + 3, STEPS - 1))}"
+    return None
+
+
 def kill_and_resume(cfg: Path, strategy: str, seed: int, check) -> dict:
-    """Kill and resume until KILLS kills are done, then finish. A run that completes before (a timed
-    kill came too late) is checked against the reference and started over."""
+    """Kill and resume until every kill of ``kill_plan`` has happened, then finish. A run that
+    completes before (a timed kill came too late) is checked against the reference and started over."""
     rng = random.Random(seed)
     out = Path(yaml.safe_load(cfg.read_text())["output_dir"])
-    tally = {"kills": 0, "in_checkpoint_writes": 0, "timed": 0, "armed": 0, "one_rank": 0, "rounds": 0}
+    todo = kill_plan(strategy)
+    tally = {"kills": 0, "in_checkpoint_writes": 0, "timed": 0, "armed": 0, "one_rank": 0, "rounds": 0, "done": []}
     history = []  # what each round did, shown when a check fails
     while True:
         tally["rounds"] += 1
-        assert tally["rounds"] < 80, tally
-        stage, last = progress(out)
+        assert tally["rounds"] < 40, tally
         env = {k: v for k, v in os.environ.items() if k != "STAGEWISE_FAULTS"}
-        plan = "finish" if tally["kills"] >= KILLS else rng.choice(["timed", "armed"] if strategy != "single" else ["timed", "armed", "armed"])
-        point = None
-        if plan == "armed":
-            state = out / "curriculum.json"
-            evaluated = json.loads(state.read_text())["rows"] if state.is_file() else {}
-            options = [("eval", f"stage={stage - 1}")] if stage <= 3 and str(stage - 1) not in evaluated else []
-            if stage <= 2 and last + 1 < STEPS:
-                step = rng.randint(last + 1, min(last + 3, STEPS - 1))
-                options += [(p, f"step={step}") for p in ("ckpt_state", "ckpt_manifest", "ckpt_renamed")]
-            if stage <= 2:
-                options.append(("export", f"stage={stage}"))
-            if not options:
-                plan = "finish" if tally["kills"] >= KILLS else "timed"
-            else:
-                point, where = rng.choice(options)
+        plan, point, how = "finish", None, None
+        for item in todo:  # the first kill still to do that the run can still reach
+            if item.startswith("timed:"):
+                plan, how = "timed", item.split(":", 1)[1]
+                break
+            where = armed_point(item, out, rng)
+            if where is not None:
+                plan, point = "armed", item
                 # one rank only, where both ranks pass the point (renames and exports are the main process's)
                 both = point in ("ckpt_state", "ckpt_manifest", "eval")
                 rank = f",rank={rng.randint(0, 1)}" if strategy != "single" and both and rng.random() < 0.5 else ""
                 env["STAGEWISE_FAULTS"] = f"kill@at={point},{where}{rank}"
+                break
+        else:
+            if todo:  # the armed points left are behind the run: start it again to reach them
+                plan = "restart"
+        if plan == "restart":
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            continue
         proc = subprocess.Popen(command(cfg, strategy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
         if plan == "timed":
-            deadline = time.time() + rng.uniform(3.0, 12.0 if strategy == "single" else 20.0)
+            if how == "tree":  # early: start-up, model loading, the first evaluation
+                deadline = time.time() + rng.uniform(1.0, 5.0)
+            else:  # mid-training: shortly after this round's first new checkpoint (the ranks are up)
+                start = progress(out)
+                while progress(out) == start and proc.poll() is None:
+                    time.sleep(0.05)
+                deadline = time.time() + rng.uniform(0.0, 1.5)
             while time.time() < deadline and proc.poll() is None:
                 time.sleep(0.05)
             if proc.poll() is None:
-                how = rng.choice(["tree", "one_rank", "launcher"]) if strategy != "single" else "tree"
                 victims = worker_pids(proc.pid) if how == "one_rank" else []
                 if victims:
                     os.kill(rng.choice(victims), signal.SIGKILL)  # one rank only: the launcher stops the other
                     tally["one_rank"] += 1
+                    done = "one_rank"
                 elif how == "launcher":
                     # the launcher only: its ranks must notice and exit by themselves (re-parented, they
                     # are out of kill_tree's reach, and communicate() below waits for their output pipe)
                     os.kill(proc.pid, signal.SIGKILL)
-                    tally["launcher_only"] = tally.get("launcher_only", 0) + 1
+                    done = "launcher"
                 else:
                     kill_tree(proc.pid)  # the launcher and every rank
+                    done = "tree"
                 tally["kills"] += 1
                 tally["timed"] += 1
+                tally["done"].append(f"timed:{done}")
+                if f"timed:{done}" in todo:
+                    todo.remove(f"timed:{done}")
                 inside = any(out.rglob(".tmp-step-*")) or any(out.rglob("model.tmp"))
                 tally["in_checkpoint_writes"] += int(inside)
         try:
@@ -168,7 +203,9 @@ def kill_and_resume(cfg: Path, strategy: str, seed: int, check) -> dict:
             tally["armed"] += 1
             tally["in_checkpoint_writes"] += int(point in IN_WRITE)
             tally["one_rank"] += int("rank=" in env["STAGEWISE_FAULTS"])
-        history.append((plan, env.get("STAGEWISE_FAULTS"), progress(out), proc.returncode))
+            tally["done"].append(point)
+            todo.remove(point)
+        history.append((plan, env.get("STAGEWISE_FAULTS"), how, progress(out), proc.returncode))
         if plan == "finish" or (plan == "timed" and proc.returncode == 0):
             assert proc.returncode == 0, text[-3000:]
             try:
@@ -176,11 +213,11 @@ def kill_and_resume(cfg: Path, strategy: str, seed: int, check) -> dict:
             except AssertionError as e:
                 raise AssertionError(f"{e}\nrounds: {history}") from None
             tally["completed_runs"] = tally.get("completed_runs", 0) + 1
-            if tally["kills"] >= KILLS:
+            if not todo:
                 return tally
             import shutil
 
-            shutil.rmtree(out)  # finished before enough kills: the same run again from scratch
+            shutil.rmtree(out)  # finished before every kill was done: the same run again from scratch
 
 
 def reference(tmp: Path, model_dir: Path, strategy: str) -> Path:
@@ -207,6 +244,8 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, tiny_mode
             assert torch.equal(a[k], b[k]), k
         assert rows(ref) == rows(out)
 
-    tally = kill_and_resume(write(tmp_path, tiny_model_dir, "killed", strategy), strategy, seed=0, check=same_as_reference)
+    tally = kill_and_resume(write(tmp_path, tiny_model_dir, "killed", strategy), strategy, seed=0,
+                            check=same_as_reference)
     print(f"{strategy}: {tally}")
-    assert tally["kills"] >= KILLS and tally["in_checkpoint_writes"] >= 5, tally
+    assert sorted(tally["done"]) == sorted(kill_plan(strategy)), tally  # every kind of kill happened
+    assert tally["in_checkpoint_writes"] >= len(IN_WRITE), tally

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from stagewise.config import DomainSpec
-from stagewise.domains import Domain, build_domain
+from stagewise.domains.base import Domain, build_domain
 from stagewise.envs.base import Environment, TRLEnvironment
 from stagewise.errors import ConfigError
-from stagewise.rl.engines import Generation, LocalEngine, SamplingParams
+from stagewise.generation.engines import Generation, LocalGenerator, SamplingParams
 from stagewise.rl.episodes import EpisodeLimits, run_episodes
 from stagewise.rl.rollout import batch_from_episodes, generate_rollouts
 from tests.conftest import CHATML_TEMPLATE, build_tokenizer
@@ -29,7 +29,8 @@ class ScriptedEngine:
         for p in prompts:
             text = self.policy(self.tok.decode(p))
             self.turns.append(text)
-            out += [self.tok(text, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if self.finished else [])] * n
+            out += [self.tok(text, add_special_tokens=False)["input_ids"]
+                    + ([self.tok.eos_token_id] if self.finished else [])] * n
         return Generation(out, [self.finished] * len(out))
 
 
@@ -102,7 +103,8 @@ def test_malformed_and_unknown_calls_go_back_as_errors(tok, calc):
         if n == 2:  # after two errors: the right call
             return oracle(prompt[:prompt.rfind("<|tool|>")].rsplit("<|tool|>", 1)[0])
         return ['<tool_call>{"name": "multiply", "arguments": {"a": </tool_call>',
-                '<tool_call>{"name": "divide", "arguments": {"a": 1, "b": 2}}</tool_call>'][n] if n < 2 else oracle(prompt)
+                '<tool_call>{"name": "divide", "arguments": {"a": 1, "b": 2}}</tool_call>'][n] if n < 2 else (
+                    oracle(prompt))
 
     [e] = episodes(tok, policy, calc, calc.eval[:1], EpisodeLimits(max_turns=5, max_tokens=1024, max_tool_errors=2))
     tool_msgs = [m["content"] for m in e.messages if m["role"] == "tool"][1:]
@@ -131,8 +133,9 @@ def test_templates_that_are_not_prefix_preserving_are_refused(tok, calc):
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     with pytest.raises(ConfigError, match="not prefix-preserving"):
         episodes(last_two, oracle, calc, calc.eval[:1])
+    # turns not closed by <eos>
     no_end_token = build_tokenizer("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # turns not closed by <eos>
+                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     with pytest.raises(ConfigError, match="does not end an assistant turn with '<eos>'"):
         episodes(no_end_token, oracle, calc, calc.eval[:1])
 
@@ -226,15 +229,16 @@ def test_single_turn_rollouts_through_the_local_engine_match_the_sampler(tiny_mo
     """The local engine is our sampler: the same seeds give the same completions as calling it directly."""
     from transformers import AutoModelForCausalLM
 
+    from stagewise.generation.chat_template import eos_ids
+    from stagewise.generation.sampling import sample
     from stagewise.models import load_tokenizer
-    from stagewise.rl.prompts import encode_prompts, eos_ids
-    from stagewise.rl.sampling import sample
+    from tests.helpers import encode_prompts
 
     model, tk = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
     dom = build_domain(DomainSpec(name="add", args={"lo": 1, "hi": 9}, eval_size=2), seed=0)
     examples, seeds = [(dom, dom.train[0]), (dom, dom.train[1])], list(range(100, 108))
     params = SamplingParams(max_new_tokens=6, temperature=1.0, stop_token_ids=tuple(eos_ids(tk)))
-    batch = generate_rollouts(LocalEngine(model, tk, device="cpu"), tk, examples, num_generations=4, params=params,
+    batch = generate_rollouts(LocalGenerator(model, tk, device="cpu"), tk, examples, num_generations=4, params=params,
                               limits=EpisodeLimits(max_tokens=6), seeds=seeds, device="cpu")
     ids, mask = encode_prompts(tk, [ex["prompt"] for _, ex in examples])
     comp, cmask, trunc = sample(model, ids, mask, max_new_tokens=6, eos_token_ids=eos_ids(tk),
@@ -257,12 +261,12 @@ def test_engine_logprobs_follow_the_policy_tokens_and_are_zero_elsewhere(tok, ca
     eps = run_episodes(Reporting(tok, oracle), tok, [(calc, calc.eval[0])], group_size=1, seeds=None,
                        params=PARAMS, limits=LIMITS)
     e = eps[0]
-    assert e.turns == 2 and len(e.engine_logp) == len(e.tokens) == len(e.policy)
+    assert e.turns == 2 and len(e.engine_logp) == len(e.tokens) == len(e.policy_mask)
     runs, k = [], 0  # the policy's turns, as (start, length)
-    while k < len(e.policy):
-        if e.policy[k]:
+    while k < len(e.policy_mask):
+        if e.policy_mask[k]:
             start = k
-            while k < len(e.policy) and e.policy[k]:
+            while k < len(e.policy_mask) and e.policy_mask[k]:
                 k += 1
             runs.append((start, k - start))
         else:

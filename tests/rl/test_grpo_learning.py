@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from stagewise.continual.curriculum import run_curriculum
-
 from tests.helpers import tiny_config
 
 

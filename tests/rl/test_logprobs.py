@@ -1,7 +1,7 @@
 import torch
 
 from stagewise.rl.logprobs import completion_logprobs, entropy_from_logits, selective_logprobs
-from stagewise.rl.prompts import encode_prompts
+from tests.helpers import encode_prompts
 
 
 def test_selective_logprobs_equals_full_log_softmax():

@@ -39,7 +39,8 @@ def test_no_old_logp_means_ratio_one_and_grad_of_logp():
 def test_kl_term_added_with_beta():
     logp = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[0.25]]))
-    loss, st = per_token_loss(logp, None, torch.tensor([0.0]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1, ref_logp=ref)
+    loss, st = per_token_loss(logp, None, torch.tensor([0.0]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+                              ref_logp=ref)
     assert torch.allclose(loss, 0.1 * torch.tensor([[0.5 + math.log(2) - 1]]), atol=1e-6)
     assert "kl" in st
 

@@ -25,8 +25,8 @@ def test_multi_turn_stage_trains_on_policy_tokens_only(tiny_chat_dir, tmp_path):
     run_curriculum(cfg)
     rows = steps_of(tmp_path / "mt")
     assert len(rows) == 4
+    from stagewise.generation.chat_template import ChatRenderer
     from stagewise.models import load_tokenizer
-    from stagewise.rl.episodes import ChatRenderer
 
     renderer = ChatRenderer(load_tokenizer(str(tiny_chat_dir)))
     prompt_lengths = [len(renderer.opening_ids([{"role": "user", "content": f"Say seven {i} times."}], []))

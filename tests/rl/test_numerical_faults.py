@@ -13,7 +13,6 @@ import torch
 from stagewise.continual.curriculum import run_curriculum
 from stagewise.errors import TrainingError
 from stagewise.faults import _parse, active
-
 from tests.helpers import load_weights, tiny_config
 
 # constant lr from step 1 on, so a 3-step run whose last step is skipped must end exactly where a

@@ -2,8 +2,10 @@ import math
 
 import torch
 
-from stagewise.rl.prompts import encode_prompts, eos_ids
-from stagewise.rl.sampling import draw_tokens, filter_logits, position_ids_from_mask, sample
+from stagewise.generation.chat_template import eos_ids
+from stagewise.generation.padding import position_ids_from_mask
+from stagewise.generation.sampling import draw_tokens, filter_logits, sample
+from tests.helpers import encode_prompts
 
 
 def test_position_ids_skip_left_padding():
@@ -78,8 +80,8 @@ def test_greedy_matches_hf_generate_and_stops_at_eos(tiny):
     with torch.no_grad():
         model.lm_head.weight.zero_()
         model.lm_head.weight[tok.eos_token_id] = 0  # (tied: also zeros the embedding row)
-    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, 100.0), ids, mask, max_new_tokens=5, eos_token_ids=eos_ids(tok),
-                               pad_token_id=tok.pad_token_id, greedy=True)
+    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, 100.0), ids, mask, max_new_tokens=5,
+                               eos_token_ids=eos_ids(tok), pad_token_id=tok.pad_token_id, greedy=True)
     assert cmask.tolist() == [[1], [1]] and out[:, 0].tolist() == [tok.eos_token_id] * 2
     assert trunc.tolist() == [False, False]
 
@@ -88,8 +90,8 @@ def test_truncated_flag_when_no_eos(tiny):
     model, tok = tiny
     ids, mask = _prompts(tok, ["x"])
 
-    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, -math.inf), ids, mask, max_new_tokens=4, eos_token_ids=eos_ids(tok),
-                               pad_token_id=tok.pad_token_id, num_samples=2, seeds=[0, 1])
+    out, cmask, trunc = sample(EditLogits(model, tok.eos_token_id, -math.inf), ids, mask, max_new_tokens=4,
+                               eos_token_ids=eos_ids(tok), pad_token_id=tok.pad_token_id, num_samples=2, seeds=[0, 1])
     assert cmask.tolist() == [[1, 1, 1, 1]] * 2 and trunc.tolist() == [True, True]
 
 
@@ -112,7 +114,8 @@ def test_sampler_and_trainer_logprobs_agree_at_temperature(tiny):
         assert torch.allclose(drawn[m], trained[m], atol=1e-4), (temperature, (drawn[m] - trained[m]).abs().max())
         # and at temperature 1 they would differ: the test can tell temperatures apart
         with torch.no_grad():
-            plain, _ = completion_logprobs(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), comp, cmask)
+            plain, _ = completion_logprobs(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), comp,
+                                           cmask)
         assert (drawn[m] - plain[m]).abs().max() > 1e-2
 
 
@@ -146,7 +149,7 @@ def test_non_finite_logits_are_refused(tiny):
 def test_long_prompts_prefilled_one_by_one_sample_as_the_padded_batch(monkeypatch):
     """Prompts of 1,100 and 1,400 tokens: prefilled one at a time without padding (the default from
     SPLIT_PREFILL_FROM tokens) or as one left-padded batch, the completions and their log-probs agree."""
-    import stagewise.rl.sampling as sampling
+    import stagewise.generation.sampling as sampling
     from tests.conftest import build_tiny_model
 
     model = build_tiny_model(260).eval()
@@ -173,7 +176,7 @@ def test_prompts_sharing_a_long_prefix_compute_its_blocks_once_and_sample_as_alo
     """Three 1,300-1,500-token prompts equal for their first 1,100 tokens (tau2's policy and tools
     in every episode): the two whole blocks they share (2 x PREFILL_BLOCK) are computed once, each
     prompt's prefill logits are bit for bit those it gets on its own, and so are its completions."""
-    import stagewise.rl.sampling as sampling
+    import stagewise.generation.sampling as sampling
     from tests.conftest import build_tiny_model
 
     model = build_tiny_model(260).eval()
@@ -212,7 +215,7 @@ def test_prompts_sharing_a_long_prefix_compute_its_blocks_once_and_sample_as_alo
         # decoding a padded batch differs from decoding alone only in rounding
         torch.testing.assert_close(alone[3], together[3][2 * i: 2 * i + 2, :width], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        _, logits = sampling.prefill(model, ids, mask, sampling.position_ids_from_mask(mask), lockstep=False)
+        _, logits = sampling.prefill(model, ids, mask, position_ids_from_mask(mask), lockstep=False)
         for i, p in enumerate(prompts):
             _, own = sampling.prefill(model, p[None], torch.ones_like(p)[None],
                                       torch.arange(len(p))[None], lockstep=False)

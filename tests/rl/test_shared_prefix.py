@@ -4,7 +4,7 @@ for long prompts with the same completions as the dense padded batch."""
 
 import torch
 
-from stagewise.rl.shared_prefix import SharedPrefixCache, attend, attend_math
+from stagewise.generation.shared_prefix import SharedPrefixCache, attend, attend_math
 
 
 def _dense(q, k, v, scale):
@@ -73,8 +73,8 @@ def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatc
     """Two 1,300-token prompts sharing 1,100 tokens, 4 completions each: decoded with the shared cache
     (its attention really runs), the completions equal the dense padded batch's and the log-probs agree
     to rounding."""
-    import stagewise.rl.sampling as sampling
-    from stagewise.rl import shared_prefix
+    import stagewise.generation.sampling as sampling
+    from stagewise.generation import shared_prefix
     from tests.conftest import build_tiny_model
 
     model = build_tiny_model(260).eval()
@@ -103,7 +103,7 @@ def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatc
 def test_prefix_store_finds_the_longest_whole_block_prefix_and_keeps_to_its_budget():
     from types import SimpleNamespace
 
-    from stagewise.rl.prefix_store import PrefixStore
+    from stagewise.generation.prefix_store import PrefixStore
 
     def layers(n):  # one layer of fp32 keys/values, 1 kv head of width 2: 16 bytes per token
         return [SimpleNamespace(keys=torch.zeros(1, 1, n, 2), values=torch.zeros(1, 1, n, 2))]
@@ -128,8 +128,8 @@ def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
     """A 1,300-token prompt, then the same prompt extended by 400 tokens (the next turn): the second call
     runs only the tokens from the last whole block the first one stored (1,024) through the model, and
     its logits are bit for bit a fresh prefill's."""
-    import stagewise.rl.sampling as sampling
-    from stagewise.rl.engines import LocalEngine, SamplingParams
+    import stagewise.generation.sampling as sampling
+    from stagewise.generation.engines import LocalGenerator, SamplingParams
     from tests.conftest import build_tiny_model, build_tokenizer
 
     model = build_tiny_model(260).eval()
@@ -150,7 +150,7 @@ def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
     g = torch.Generator().manual_seed(3)
     first = torch.randint(0, 256, (1300,), generator=g)
     second = torch.cat([first, torch.randint(0, 256, (400,), generator=g)])
-    engine = LocalEngine(Counting(model), build_tokenizer(), device="cpu")
+    engine = LocalGenerator(Counting(model), build_tokenizer(), device="cpu")
     params = SamplingParams(max_new_tokens=1, greedy=True, stop_token_ids=(259,))
     engine.generate([first.tolist()], n=1, seeds=None, params=params)
     assert sum(seen) == 1300

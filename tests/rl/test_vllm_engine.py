@@ -13,8 +13,7 @@ import yaml
 
 from stagewise.config import VLLMOptions
 from stagewise.errors import ConfigError
-from stagewise.rl.engines import SamplingParams
-
+from stagewise.generation.engines import SamplingParams
 from tests.conftest import make_tiny_dir
 from tests.helpers import tiny_config, tiny_raw
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 try:
     import vllm  # noqa: F401
-except Exception as e:  # a missing or broken install must fail here, not skip: CI installs it
+except Exception as e:  # noqa: BLE001  (a missing or broken install must fail here, not skip: CI installs it)
     pytest.fail(f"vLLM is not importable ({e}); run `make vllm` (make test does)", pytrace=False)
 
 EOS = 257  # the tiny tokenizer's <eos>
@@ -38,7 +37,7 @@ def dirs(tmp_path_factory):
 def engine(dirs):
     """This process's engine, as a run makes it; test_grpo_with_vllm_learns's run reuses it and shuts
     it down at its end (vLLM's shutdown also ends this process's torch.distributed)."""
-    from stagewise.rl.vllm_engine import process_engine
+    from stagewise.generation.vllm_engine import process_engine
 
     return process_engine(str(dirs[0]), VLLMOptions(), 0, torch.device("cpu"))
 
@@ -47,6 +46,13 @@ def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.T
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def policy_weights(lm, lora: bool = False):
+    """What a training strategy pushes: its module's weights by HF name (LoRA merged)."""
+    from stagewise.parallel.strategy import TrainStrategy
+
+    return TrainStrategy.named_weights(SimpleNamespace(lm=lm, is_lora=lora, name="single"))
 
 
 def max_gap(engine, model, prompts, seeds) -> float:
@@ -61,15 +67,13 @@ def test_pushed_weights_give_the_trainers_logprobs(engine, dirs):
     log-probs of its completions are far from B's; after pushing B they agree to bf16 rounding."""
     from transformers import AutoModelForCausalLM
 
-    from stagewise.rl.vllm_engine import policy_weights
-
     a = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
     b = AutoModelForCausalLM.from_pretrained(dirs[1]).eval()
     prompts, seeds = [[5, 6, 7], [40, 41]], [11, 12, 13, 14]
-    engine.push(policy_weights(SimpleNamespace(lm=a, is_lora=False)))
+    engine.push(policy_weights(a))
     assert max_gap(engine, a, prompts, seeds) < 0.05
     assert max_gap(engine, b, prompts, seeds) > 0.5
-    seconds = engine.push(policy_weights(SimpleNamespace(lm=b, is_lora=False)))
+    seconds = engine.push(policy_weights(b))
     assert 0 < seconds < 30
     assert max_gap(engine, b, prompts, seeds) < 0.05
 
@@ -77,8 +81,6 @@ def test_pushed_weights_give_the_trainers_logprobs(engine, dirs):
 def test_lora_adapters_are_merged_into_the_push(engine, dirs):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from stagewise.rl.vllm_engine import policy_weights
 
     lm = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs[0]),
                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -88,9 +90,9 @@ def test_lora_adapters_are_merged_into_the_push(engine, dirs):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # trained adapters: B is no longer zero
     lm.eval()
-    names = [n for n, _ in policy_weights(SimpleNamespace(lm=lm, is_lora=True))]
+    names = [n for n, _ in policy_weights(lm, lora=True)]
     assert "lm_head.weight" in names and not any("lora_" in n or "base_layer" in n for n in names)
-    engine.push(policy_weights(SimpleNamespace(lm=lm, is_lora=True)))
+    engine.push(policy_weights(lm, lora=True))
     assert max_gap(engine, lm, [[9, 8, 7]], [1, 2]) < 0.05
     plain = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
     assert max_gap(engine, plain, [[9, 8, 7]], [1, 2]) > 0.2  # the adapters did change the model
@@ -131,25 +133,33 @@ def test_evaluation_engine_holds_the_weights_it_evaluates(engine, dirs):
     engine's log-probs are those weights', not the rollout's last."""
     from transformers import AutoModelForCausalLM
 
-    from stagewise.rl.vllm_engine import holding
+    from stagewise.config import RolloutConfig
+    from stagewise.generation.engines import FrozenWeights
+    from stagewise.generation.vllm_engine import VLLMRollouts
+
+    def holding(model):
+        return VLLMRollouts(FrozenWeights(model, torch.device("cpu")), tokenizer=None, rollout=RolloutConfig(),
+                            seed=0, model_path=str(dirs[0]))
 
     a = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
     b = AutoModelForCausalLM.from_pretrained(dirs[1], dtype=torch.bfloat16).eval()  # as evaluate_row loads it
-    assert holding(str(dirs[0]), a, VLLMOptions(), 0, torch.device("cpu")) is engine
-    assert max_gap(engine, a, [[7, 8]], [3, 4]) < 0.05
-    assert holding(str(dirs[0]), b, VLLMOptions(), 0, torch.device("cpu")) is engine
-    assert max_gap(engine, b.float(), [[7, 8]], [3, 4]) < 0.05 and max_gap(engine, a, [[7, 8]], [3, 4]) > 0.5
+    with holding(a).generator() as gen:
+        assert gen is engine
+        assert max_gap(engine, a, [[7, 8]], [3, 4]) < 0.05
+    with holding(b).generator() as gen:
+        assert gen is engine
+        assert max_gap(engine, b.float(), [[7, 8]], [3, 4]) < 0.05 and max_gap(engine, a, [[7, 8]], [3, 4]) > 0.5
 
 
 def test_grpo_with_vllm_learns(tmp_path, dirs, monkeypatch):
     """The sevens task of test_grpo_learning, generated by vLLM with the weights pushed each step;
     the evaluation after the stage generates with vLLM too (eval.engine follows rollout.engine)."""
     from stagewise.continual.curriculum import run_curriculum
-    from stagewise.rl import vllm_engine
+    from stagewise.generation import vllm_engine
 
-    held = []
-    real = vllm_engine.holding
-    monkeypatch.setattr(vllm_engine, "holding", lambda *a: held.append(a[0]) or real(*a))
+    held = []  # the weights each engine user started from: the stage's base, then the evaluated export
+    real = vllm_engine.process_engine
+    monkeypatch.setattr(vllm_engine, "process_engine", lambda *a: held.append(a[0]) or real(*a))
 
     cfg = tiny_config(dirs[0], tmp_path / "learn", stages=1, steps=25, overrides=[
         "optim.lr=1e-2", "optim.schedule=constant", "rollout.prompts_per_step=4", "rollout.num_generations=8",
@@ -165,7 +175,8 @@ def test_grpo_with_vllm_learns(tmp_path, dirs, monkeypatch):
     assert all(s["engine/logp_abs_diff"] < 0.02 for s in steps), [s["engine/logp_abs_diff"] for s in steps]
     assert all(0.5 < s["engine/tis_weight"] <= 2.0 for s in steps)
     assert all(s["weight_push_time"] > 0 for s in steps)
-    assert len(held) == 1 and held[0].endswith("model")  # the stage's exported model, evaluated once
+    evaluated = [p for p in held if p.endswith("model")]
+    assert len(evaluated) == 1 and len(held) == 2  # the stage's rollouts, then its exported model, evaluated once
     assert any("eval/add" in r for r in rows)
 
 
@@ -207,8 +218,8 @@ import json, sys, torch
 from transformers import AutoModelForCausalLM
 from stagewise.config import VLLMOptions
 from stagewise.models import load_tokenizer, resolve_model_path
-from stagewise.rl.engines import SamplingParams
-from stagewise.rl.vllm_engine import VLLMEngine
+from stagewise.generation.engines import SamplingParams
+from stagewise.generation.vllm_engine import VLLMEngine
 
 path = resolve_model_path("bundled:smollm2-135m-instruct")
 tok = load_tokenizer(path)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from stagewise.data.records import RecordFormat, read_records, to_conversation
 from stagewise.errors import DataError
-from stagewise.sft.data import (IGNORE, RecordFormat, example_targets, pack, read_records, to_conversation,
-                                tokenize_conversation)
+from stagewise.sft.data import IGNORE, example_targets, pack, tokenize_conversation
 
 MULTI_TURN = [{"role": "system", "content": "Be brief."},
               {"role": "user", "content": "Hi there"},
@@ -96,7 +96,8 @@ def test_read_jsonl_parquet_and_datasets_dir_with_skipping(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:4: invalid JSON"):
         read_records(p)
     recs, skipped = read_records(p, on_error="skip")
-    assert [r for _, r in recs] == rows and len(skipped) == 2 and skipped[1].startswith(f"{p}:5: expected a JSON object")
+    assert [r for _, r in recs] == rows and len(skipped) == 2 and skipped[1].startswith(
+        f"{p}:5: expected a JSON object")
     assert recs[2][0] == f"{p}:6"
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "d.parquet"))

@@ -11,7 +11,6 @@ import torch
 
 from stagewise.config import load_config
 from stagewise.continual.curriculum import run_curriculum
-
 from tests.helpers import load_weights
 
 
@@ -101,7 +100,8 @@ def test_automatic_micro_batch_backs_off_on_out_of_memory(tiny_chat_dir, tmp_pat
     start = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "micro_batch" in r)
     assert (start["micro_batch"], start["accumulation"], start["micro_batch_too_big"]) == (2, 4, [8, 4])
     ds = json.loads((out / "deepspeed_config" / "ds_config_zero2.json").read_text())
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (2, 4, 8)
 
 
 def test_resume_in_the_middle_of_an_sft_stage_is_exact(tiny_chat_dir, tmp_path):
@@ -162,7 +162,7 @@ def test_sweep_runs_every_ablation_once_and_compares_them(tiny_chat_dir, tmp_pat
 
 
 def test_seed_memory_setup_zero3_offload_checkpointing_auto_batch(tiny_chat_dir, tmp_path):
-    """The seeds' ZeRO-3 profile: CPU offload of optimizer and parameters, activation checkpointing,
+    """The reference SFT script's ZeRO-3 profile: CPU offload of optimizer and parameters, activation checkpointing,
     bf16, automatic micro-batch; the generated DeepSpeed JSON says so, and the stage learns."""
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "z3"

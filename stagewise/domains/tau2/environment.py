@@ -40,25 +40,18 @@ class Tau2Context:
     users: object | None  # a user simulator (envs/users.py); None in solo mode
     tasks: dict = field(default_factory=dict)  # id -> tau2 Task
     firsts: dict = field(default_factory=dict)  # id -> the user's first message (shared by a task's episodes)
-    _schemas: list | None = None
-    _policy: str | None = None
-    _user_schemas: list | None = None
+    schemas: list | None = None  # the agent's tool schemas
+    user_schemas: list | None = None  # the simulated user's own tools (telecom's device), [] otherwise
+    policy: str | None = None  # the domain policy the agent's system prompt holds
 
-    def describe(self, env) -> None:
-        if self._schemas is None:
+    def load_schemas(self, env) -> None:
+        """Read the tools and the policy off the domain's first environment (the same for every task)."""
+        if self.schemas is None:
             tools = [t.openai_schema for t in env.get_tools()]
             user_tools = [t.openai_schema for t in env.get_user_tools()] if self.domain == "telecom" else []
-            self._schemas = tools + user_tools + [data.DONE_SCHEMA] if self.solo else tools
-            self._user_schemas = [] if self.solo else user_tools
-            self._policy = env.get_policy()
-
-    @property
-    def schemas(self) -> list[dict]:
-        return self._schemas
-
-    @property
-    def policy(self) -> str:
-        return self._policy
+            self.schemas = tools + user_tools + [data.DONE_SCHEMA] if self.solo else tools
+            self.user_schemas = [] if self.solo else user_tools
+            self.policy = env.get_policy()
 
 
 class Tau2Env(Environment):
@@ -71,14 +64,14 @@ class Tau2Env(Environment):
         self.ctx = ctx
         self.tau2_task = ctx.tasks[task["id"]]
         self.env = data.fresh_environment(ctx.domain, self.tau2_task, ctx.solo)
-        ctx.describe(self.env)
+        ctx.load_schemas(self.env)
         self.trajectory: list = []  # tau2 messages, what the evaluators score
         self.termination: str | None = None  # user_stop / agent_stop / agent_error; None = cut off
         self.n_calls = 0
         self.user = None
         if not ctx.solo:
-            self.user = ctx.users.session(system=data.user_system_prompt(self.tau2_task, bool(ctx._user_schemas)),
-                                          tools=ctx._user_schemas, task=self.tau2_task)
+            self.user = ctx.users.session(system=data.user_system_prompt(self.tau2_task, bool(ctx.user_schemas)),
+                                          tools=ctx.user_schemas, task=self.tau2_task)
             first = ctx.firsts.get(task["id"])
             if first is None:
                 first = ctx.firsts[task["id"]] = self.user.first_message(data.GREETING)
@@ -175,7 +168,7 @@ class Tau2Env(Environment):
 
         try:
             return self.env.get_response(tc)
-        except Exception as e:  # tau2 turns tool errors into messages; anything else must not end the run
+        except Exception as e:  # noqa: BLE001  (tau2 turns tool errors into messages; anything else must not end the run)
             return ToolMessage(id=tc.id, role="tool", content=f"Error: {type(e).__name__}: {e}", requestor=tc.requestor,
                                error=True)
 

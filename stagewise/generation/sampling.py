@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from stagewise.errors import TrainingError
-from stagewise.rl import shared_prefix
-from stagewise.rl.prefix_store import PrefixStore
+from stagewise.generation import shared_prefix
+from stagewise.generation.padding import position_ids_from_mask
+from stagewise.generation.prefix_store import PrefixStore
 
 
 def check_logits(logits: torch.Tensor, step: int) -> None:
@@ -29,11 +30,6 @@ def check_logits(logits: torch.Tensor, step: int) -> None:
         raise TrainingError(f"sampling: the model produced non-finite logits at decode step {step} "
                             f"(rows {rows[:8]}); its weights have probably diverged (lower optim.lr, or "
                             f"resume from an earlier checkpoint)")
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 attention mask, left-padded -> (B, T) positions counting only real tokens."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -144,7 +140,8 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     cache = DynamicCache()
     pad = lambda t: torch.nn.functional.pad(t, (0, 0, P - t.size(2), 0))  # noqa: E731  (zeros, masked out)
     for li in range(len(layers[0])):
-        cache.update(torch.cat([pad(ls[li].keys) for ls in layers]), torch.cat([pad(ls[li].values) for ls in layers]), li)
+        cache.update(torch.cat([pad(ls[li].keys) for ls in layers]), torch.cat([pad(ls[li].values) for ls in layers]),
+                     li)
     return cache, torch.cat(logits)
 
 

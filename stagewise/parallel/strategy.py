@@ -1,21 +1,25 @@
 """Training under any strategy, once the Accelerator exists: wrap the model, take guarded optimizer
-steps, hand out the full fp32 weights, save and load (sharded) state.
+steps, hand out the weights (full fp32 for export, per parameter for a rollout engine), save and
+load (sharded) state.
 
-    engine = TrainEngine.create(acc, "zero2", PolicyLogprobs(lm), make_optimizer, make_scheduler,
-                                max_grad_norm=1.0, mixed_precision="bf16")
+    strategy = TrainStrategy.create(acc, "zero2", PolicyLogprobs(lm), make_optimizer, make_scheduler,
+                                    max_grad_norm=1.0, mixed_precision="bf16")
     for k, mb in enumerate(micro_batches):              # the same number on every rank
-        with engine.accumulate():
+        with strategy.accumulate():
             loss = ...
-            engine.backward(loss, last=k == len(micro_batches) - 1)
-    info = engine.step()          # {"grad_norm": 0.7, "skipped": False, "bad": False}
-    weights = engine.full_state_dict()                  # collective; fp32 master weights on rank 0
+            strategy.backward(loss, last=k == len(micro_batches) - 1)
+    info = strategy.step()        # StepInfo(grad_norm=0.7, skipped=False, bad=False)
+    weights = strategy.full_state_dict()                # collective; fp32 master weights on rank 0
+
+It is also the weight source of a stage's rollout engine (generation/engines.py): ``lm``,
+``sampling_module()``, ``named_weights()``, ``lockstep``, ``can_replicate``.
 
 single / ddp / zero1-3 go through ``accelerator.prepare`` (DDP, DeepSpeed); fsdp through
 ``parallel/fsdp.py`` (torch ``fully_shard``, CPU and GPU alike).
 
 A step is *bad* when a micro-batch loss on any rank, or the gradient norm, is not finite. A bad
 step changes nothing — no optimizer update, gradients dropped — and every rank takes the same
-decision. Under DeepSpeed the engine steps inside ``backward`` and skips by itself when the
+decision. Under DeepSpeed its engine steps inside ``backward`` and skips by itself when the
 gradient norm is not finite (``bf16.check_grad_overflow``); a non-finite loss on any rank is
 first turned into a non-finite gradient on every rank, so DeepSpeed takes the run's decision.
 fp16 loss-scale overflows are *skipped* steps but not *bad* ones: they are how loss scaling works.
@@ -27,17 +31,26 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from stagewise.parallel import fsdp
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What one optimizer step did (the same on every rank)."""
+
+    grad_norm: float  # total norm before clipping (NaN when DeepSpeed did not report one)
+    skipped: bool  # no update was applied (a bad step, or an fp16 loss-scale overflow)
+    bad: bool  # a non-finite loss or gradient norm: counts toward optim.max_bad_steps
+
+
 @dataclass
-class TrainEngine:
+class TrainStrategy:
     acc: Any
-    strategy: str
+    name: str  # single | ddp | fsdp | zero1 | zero2 | zero3
     model: torch.nn.Module  # what the loop calls: the prepared module (DDP / DeepSpeed) or the sharded one
     optimizer: Any
     scheduler: Any
@@ -48,7 +61,7 @@ class TrainEngine:
 
     @classmethod
     def create(cls, acc, strategy: str, module: torch.nn.Module, make_optimizer: Callable, make_scheduler: Callable,
-               *, max_grad_norm: float, mixed_precision: str) -> TrainEngine:
+               *, max_grad_norm: float, mixed_precision: str) -> TrainStrategy:
         """module: a ``PolicyLogprobs`` (the HF model is ``module.lm``). A fresh optimizer each call."""
         if strategy == "fsdp":
             fsdp.shard_model(module, device=acc.device, world=acc.num_processes, mixed_precision=mixed_precision)
@@ -60,20 +73,20 @@ class TrainEngine:
             optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
             model, optimizer, scheduler = acc.prepare(module, optimizer, make_scheduler(optimizer))
         model.train()
-        engine = cls(acc, strategy, model, optimizer, scheduler, max_grad_norm)
-        engine._ds_skipped = getattr(model, "skipped_steps", 0)
-        return engine
+        made = cls(acc, strategy, model, optimizer, scheduler, max_grad_norm)
+        made._ds_skipped = getattr(model, "skipped_steps", 0)
+        return made
 
     # --- the modules -----------------------------------------------------------------------
     @property
     def deepspeed(self) -> bool:
-        return self.strategy.startswith("zero")
+        return self.name.startswith("zero")
 
     @property
     def policy(self) -> torch.nn.Module:
         """The PolicyLogprobs module, with accelerate's autocast wrapper left in place (never strip it:
         ``unwrap_model(keep_fp32_wrapper=False)`` removes autocast from the training forward for good)."""
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             return self.model
         return self.acc.unwrap_model(self.model, keep_fp32_wrapper=True)
 
@@ -89,17 +102,38 @@ class TrainEngine:
     @contextmanager
     def lm_for_direct_calls(self):
         """The HF model, ready to be called directly (sampling): under FSDP its root unit is gathered."""
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             with fsdp.unsharded_root(self.model):
                 yield self.lm
         else:
             yield self.lm
 
     @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @contextmanager
+    def sampling_module(self):
+        """The HF model with the current weights, in eval mode, under the run's autocast, for sampling."""
+        self.model.eval()
+        try:
+            with self.acc.autocast(), self.lm_for_direct_calls() as lm:
+                yield lm
+        finally:
+            self.model.train()
+
+    @property
+    def can_replicate(self) -> bool:
+        """Whether a bf16 copy of the module may stand in for it when sampling: a whole, plain model
+        (single / DDP, no LoRA) with fp32 weights trained under bf16 compute."""
+        fp32 = next(self.lm.parameters()).dtype == torch.float32
+        return self.name in ("single", "ddp") and not self.is_lora and fp32 and self.acc.mixed_precision == "bf16"
+
+    @property
     def lockstep(self) -> bool:
         """Whether every forward is a collective (parameters gathered inside it): ranks must run the
         same number of forwards while decoding."""
-        return self.acc.num_processes > 1 and self.strategy in ("zero3", "fsdp")
+        return self.acc.num_processes > 1 and self.name in ("zero3", "fsdp")
 
     # --- one optimizer step ------------------------------------------------------------------
     def accumulate(self):
@@ -119,10 +153,10 @@ class TrainEngine:
                 loss = loss * float("nan")  # DeepSpeed's overflow check then skips on every rank
         self.acc.backward(loss)
 
-    def step(self) -> dict:
+    def step(self) -> StepInfo:
         """At the end of the step's micro-batches: clip, update unless the step is bad, clear gradients."""
         bad, skipped = self._bad_any, False
-        if self.deepspeed:  # the engine stepped (or skipped) inside the last backward
+        if self.deepspeed:  # the DeepSpeed engine stepped (or skipped) inside the last backward
             skipped = self.model.skipped_steps != self._ds_skipped
             self._ds_skipped = self.model.skipped_steps
             norm = self.model.get_global_grad_norm()
@@ -144,7 +178,7 @@ class TrainEngine:
                     self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_local, self._bad_any = None, False
-        return {"grad_norm": norm, "skipped": bad or skipped, "bad": bad}
+        return StepInfo(grad_norm=norm, skipped=bad or skipped, bad=bad)
 
     def _clip_and_measure(self) -> float:
         """Total gradient norm before clipping (identical on every rank: gradients are reduced)."""
@@ -152,7 +186,7 @@ class TrainEngine:
         if not params:
             return 0.0
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             total = torch.nn.utils.clip_grad_norm_(params, max_norm)
             total = total.full_tensor() if hasattr(total, "full_tensor") else total
         else:  # accelerate unscales fp16 gradients first
@@ -164,10 +198,10 @@ class TrainEngine:
         """Collective. The HF model's weights as trained — fp32 master weights under every strategy
         (DeepSpeed keeps them in its optimizer, FSDP in its shards) — on rank 0; {} elsewhere."""
         lm = self.lm
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             sd = fsdp.full_state_dict(self.model)
         elif self.deepspeed:
-            sd = _deepspeed_full_state_dict(lm, zero3=self.strategy == "zero3", keep=self.acc.is_main_process)
+            sd = _deepspeed_full_state_dict(lm, zero3=self.name == "zero3", keep=self.acc.is_main_process)
         else:
             sd = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
         return sd if self.acc.is_main_process else {}
@@ -211,16 +245,58 @@ class TrainEngine:
         finally:
             handle.remove()
 
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's current weights under their HF names; LoRA adapters merged into their base
+        weights on the fly (W + scale * B @ A), the module itself left untouched. Tied weights are given
+        under every name (``lm_head.weight`` too): vLLM's CPU backend repacks the output layer into its
+        own tensor, which a push of ``embed_tokens`` alone leaves stale.
+
+        ZeRO-3 / FSDP: each parameter is gathered when the rollout engine asks for it and freed after, so no
+        rank ever holds more than one full parameter beyond its shard; every rank's rollout engine consumes the
+        names in the same order, so the gathers (collectives) match."""
+        lm = self.lm
+        with torch.no_grad():
+            if not self.is_lora:
+                for name, p in lm.named_parameters(remove_duplicate=False):
+                    if self.name == "zero3":
+                        from deepspeed.runtime.zero import GatheredParameters
+
+                        with GatheredParameters([p]):
+                            full = p.data.detach().clone()
+                        yield name, full
+                    elif self.name == "fsdp" and hasattr(p, "full_tensor"):
+                        yield name, p.full_tensor().detach()
+                    else:
+                        yield name, p.detach()
+                return
+            from peft.tuners.lora import LoraLayer
+
+            base = lm.get_base_model()
+            wrapped = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+            for name, p in base.named_parameters(remove_duplicate=False):
+                if "lora_" in name:
+                    continue
+                if ".base_layer." not in name:
+                    yield name, p.detach()
+                    continue
+                module = name.split(".base_layer.")[0]
+                w = p.detach()
+                if name.endswith(".weight"):
+                    layer = wrapped[module]
+                    for adapter in layer.active_adapters:
+                        w = w + layer.get_delta_weight(adapter).to(w.dtype)
+                yield name.replace(".base_layer", ""), w
+
     # --- checkpoints ---------------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
         """Collective: everything needed to continue (model, optimizer, schedule, RNG); the step
         counters go into the manifest (checkpoint.save_checkpoint)."""
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             fsdp.save(self.model, self.optimizer, directory)
         self.acc.save_state(str(directory))
 
     def load_state(self, directory: str | Path) -> None:
-        if self.strategy == "fsdp":
+        if self.name == "fsdp":
             fsdp.load(self.model, self.optimizer, directory)
         self.acc.load_state(str(directory))
         self._ds_skipped = getattr(self.model, "skipped_steps", 0)
@@ -228,8 +304,8 @@ class TrainEngine:
 
 def _deepspeed_full_state_dict(lm, *, zero3: bool, keep: bool) -> dict[str, torch.Tensor]:
     """Every rank walks the parameters in the same order (each fetch is a collective)."""
-    from deepspeed.utils import safe_get_full_fp32_param
     from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
 
     keys = set(lm.state_dict().keys())  # under ZeRO-3 the values are empty shards; the names are right
     out: dict[str, torch.Tensor] = {}

