@@ -106,8 +106,12 @@ def kill_tree(root: int) -> None:
 
 
 def kill_plan(strategy: str) -> list[str]:
-    """Every kind of kill, once: each named point inside a write or between stages, then after a random
-    delay the whole tree, and with two processes one rank alone and the launcher alone."""
+    """Every kind of kill, once: each named point inside a write or between stages, then at a random
+    moment the whole tree, and with two processes one rank alone and the launcher alone. ZeRO-2 repeats
+    what differs under it only: the sharded checkpoint writes and a rank dying mid-step (evaluation,
+    export and the launcher's end are the same code for DDP and ZeRO-2)."""
+    if strategy == "zero2":
+        return ["ckpt_state", "ckpt_manifest", "ckpt_renamed", "timed:one_rank"]
     timed = ["tree"] if strategy == "single" else ["tree", "one_rank", "launcher"]
     return ["eval", "ckpt_state", "ckpt_manifest", "ckpt_renamed", "export"] + [f"timed:{how}" for how in timed]
 
@@ -248,4 +252,4 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, tiny_mode
                             check=same_as_reference)
     print(f"{strategy}: {tally}")
     assert sorted(tally["done"]) == sorted(kill_plan(strategy)), tally  # every kind of kill happened
-    assert tally["in_checkpoint_writes"] >= len(IN_WRITE), tally
+    assert tally["in_checkpoint_writes"] >= sum(p in IN_WRITE for p in kill_plan(strategy)), tally

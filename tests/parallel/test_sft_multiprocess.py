@@ -21,20 +21,30 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "stage_step" in r]
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp", "ddp"])
-def test_two_process_sft_equals_one_process(tiny_chat_dir, tmp_path, strategy):
+COMMON = dict(steps=3, sft={"batch_size": 8, "micro_batch_size": 2}, dist={"mixed_precision": "no"},
+              eval={"before_first_stage": False})
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_chat_dir, tmp_path_factory):
+    """The 1-process reference run every strategy is compared with, and its data file."""
     from stagewise.config import load_config
     from stagewise.continual.curriculum import run_curriculum
 
-    data = write_data(tmp_path / "d.jsonl")
-    common = dict(steps=3, sft={"batch_size": 8, "micro_batch_size": 2}, dist={"mixed_precision": "no"},
-                  eval={"before_first_stage": False})
-    run_curriculum(load_config(raw=sft_raw(tiny_chat_dir, tmp_path / "one", data, **common)))
+    tmp = tmp_path_factory.mktemp("sft_one")
+    data = write_data(tmp / "d.jsonl")
+    run_curriculum(load_config(raw=sft_raw(tiny_chat_dir, tmp / "one", data, **COMMON)))
+    return tmp / "one", data
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp", "ddp"])
+def test_two_process_sft_equals_one_process(tiny_chat_dir, tmp_path, one_process, strategy):
+    one, data = one_process
     cfg = tmp_path / "two.yaml"
-    cfg.write_text(yaml.safe_dump(sft_raw(tiny_chat_dir, tmp_path / "two", data, **common)))
+    cfg.write_text(yaml.safe_dump(sft_raw(tiny_chat_dir, tmp_path / "two", data, **COMMON)))
     launch(cfg, strategy)
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=2e-5)
+    assert losses(one) == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+    assert_same_weights(one, tmp_path / "two", atol=2e-5)
     start = next(r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
                  if "micro_batch" in r)
     assert (start["micro_batch"], start["accumulation"]) == (2, 2)  # 8 rows = 2 x 2 x 2 processes
