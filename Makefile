@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: demo tool-demo test vllm bench bench-vllm bench-sft sft-sweep clean
+.PHONY: demo tool-demo test gpu-check vllm bench bench-vllm bench-sft sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ tool-demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs tests
+
+# the GPU acceptance check (tests/gpu_check.py), with the GPU machine's own Python and CUDA torch:
+# no venv, no install, nothing downloaded; refuses (exit 2) where no GPU is visible
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m tests.gpu_check
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -8,9 +8,10 @@ in save and load (ZeRO / FSDP shards are per rank); only the main process rename
 writes the manifest.
 
 The manifest lists every file with its size and SHA-256. Before resuming, the newest checkpoint
-is verified; a missing, truncated or altered file (a disk error, a copy cut short, someone's
-cleanup script) makes it refused with one line naming the file, and the previous complete
-checkpoint is used instead. A save that fails (e.g. a full disk) leaves the previous checkpoint
+is verified (by the main process; the others take its choice and check they can see it); a
+missing, truncated or altered file (a disk error, a copy cut short, someone's cleanup script)
+makes it refused with one line naming the file, and the previous complete checkpoint is used
+instead. A save that fails (e.g. a full disk) leaves the previous checkpoint
 as it was and stops every rank with one line.
 """
 
@@ -98,6 +99,50 @@ def latest_checkpoint(root: str | Path, quiet: bool = False) -> Path | None:
     return None
 
 
+def agreed_checkpoint(root: str | Path, quiet: bool = False) -> Path | None:
+    """Collective: the checkpoint every rank resumes from. The main process verifies (checksums every
+    file: tens of GB at GPU scale, so once, not on every rank) and the others take its choice; each
+    rank then checks it can see that checkpoint, so machines without a shared filesystem stop here
+    with one line instead of resuming from different states."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return latest_checkpoint(root, quiet)
+    if td.get_rank() == 0:
+        found = latest_checkpoint(root, quiet)
+        choice = [found.name if found is not None else ""]
+    else:
+        choice = [None]
+    td.broadcast_object_list(choice, src=0, device=_collective_device())
+    chosen = Path(root) / "checkpoints" / choice[0] if choice[0] else None
+    if chosen is not None:
+        require_shared(chosen / MANIFEST, f"checkpoint {chosen}")
+    return chosen
+
+
+def require_shared(path: Path, what: str) -> None:
+    """Collective: every rank must see ``path`` (written by the main process). A rank that does not,
+    after ``STAGEWISE_SHARED_FS_WAIT_S`` seconds (60; a network filesystem may show new files late),
+    stops every rank."""
+    import torch
+
+    from stagewise.parallel.collectives import reduce_sum
+
+    deadline = time.time() + float(os.environ.get("STAGEWISE_SHARED_FS_WAIT_S", "60"))
+    while not path.exists() and time.time() < deadline:
+        time.sleep(1.0)
+    missing = reduce_sum(torch.tensor([float(not path.exists())], device=_collective_device())).item()
+    if missing:
+        raise TrainingError(f"{int(missing)} process(es) cannot see {what} that the main process wrote "
+                            f"({path}): output_dir must be on a filesystem every machine shares")
+
+
+def _collective_device():
+    from stagewise.parallel.collectives import device
+
+    return device()
+
+
 def save_checkpoint(strategy, root: str | Path, step: int, manifest: dict, keep_last: int = 2,
                     counters: Counters | None = None) -> Path:
     """Collective: every process must call it. Returns the final directory. The counters go into the
@@ -149,6 +194,8 @@ def save_checkpoint(strategy, root: str | Path, step: int, manifest: dict, keep_
         for stale in base.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        require_shared(final / MANIFEST, f"checkpoint {final}")
     return final
 
 

@@ -80,6 +80,9 @@ def _launch(args) -> int:
 
     # the config the ranks will run, checked here for their number: a bad name or shape stops now,
     # not once every process has imported torch
+    if "--dry-run" in (args.rest or []):  # also after the config: never passed on to the ranks
+        args.rest = [r for r in args.rest if r != "--dry-run"]
+        args.dry_run = True
     cfg = load_config(args.config, launch_overrides(args), _flag_value(args.rest, "--ablation"))
     check_config(cfg, args.num_processes * args.num_machines)
     cmd, env = build_launch_command(args)
@@ -103,8 +106,13 @@ def _flag_value(rest: list[str] | None, flag: str) -> str | None:
 
 
 def _slurm(args) -> int:
-    from stagewise.parallel.launch import slurm_script
+    from stagewise.config import load_config
+    from stagewise.continual.preflight import check_config
+    from stagewise.parallel.launch import launch_overrides, slurm_script
 
+    # the job's config checked for its nodes x GPUs now, not after the queue wait
+    cfg = load_config(args.config, launch_overrides(args), _flag_value(args.rest, "--ablation"))
+    check_config(cfg, args.nodes * args.gpus_per_node)
     text = slurm_script(args)
     if args.output:
         Path(args.output).write_text(text)
@@ -179,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sl = sub.add_parser("slurm", help="write an sbatch script (one task per node, srun + accelerate launch)")
     sl.add_argument("--strategy", default="zero2", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"])
-    sl.add_argument("--nodes", type=int, required=True)
-    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--nodes", type=_at_least(1), required=True)
+    sl.add_argument("--gpus-per-node", type=_at_least(1), required=True)
     sl.add_argument("--job-name", default="stagewise")
     sl.add_argument("--time", default="24:00:00")
     sl.add_argument("--partition", default=None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,10 @@ class ModelConfig(_Part):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    # transformers' attention kernel for training and the local sampler's prefill ("sdpa", "eager",
+    # "flash_attention_2" where installed: packed SFT rows then take its variable-length path);
+    # None: transformers' default
+    attn_implementation: str | None = None
 
 
 class OptimConfig(_Part):
@@ -64,11 +68,13 @@ class OptimConfig(_Part):
 class VLLMOptions(_Part):
     """rollout.vllm: the colocated vLLM engine (rollout.engine: vllm)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    max_model_len: int | None = Field(None, gt=0)  # None: the model's max_position_embeddings
+    # "auto": the longest that fits the engine's KV-cache budget, at most the model's maximum
+    max_model_len: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # GPU: share vLLM may take (training has the rest)
     sleep: bool = True  # GPU: free vLLM's KV cache and weights while training runs
     kv_cache_gib: float = Field(1.0, gt=0)  # CPU: KV-cache space per process (VLLM_CPU_KVCACHE_SPACE)
-    enforce_eager: bool = True  # no CUDA graphs / compilation: faster start, slower decode
+    # no CUDA graphs / compilation (faster start, slower decode); None: eager on CPU, graphs on GPUs
+    enforce_eager: bool | None = None
 
 
 class RolloutConfig(_Part):
@@ -87,6 +93,10 @@ class RolloutConfig(_Part):
     # "bf16_copy" a bf16 copy filled from the current weights for each rollout phase and freed after it
     # (faster on CPU/GPU; single / DDP only); "auto": the copy where it can stand in, else the policy.
     weights: Literal["auto", "policy", "bf16_copy"] = "auto"
+    # ZeRO-3 / FSDP, local engine: gather the whole model once per rollout phase (a full copy per
+    # process while sampling) instead of every layer at every decoded token; false for models whose
+    # full copy does not fit one device
+    gather_for_sampling: bool = True
     # local engine: long prompts' KV caches kept within a rollout phase / an evaluation (GiB per
     # process; 0 = off), so multi-turn episodes and shared system prompts are not prefilled again
     prefix_cache_gib: float = Field(1.0, ge=0)

@@ -174,8 +174,9 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
     try:
+        kernel = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or DTYPES[cfg.dtype],
-                                                     trust_remote_code=cfg.trust_remote_code)
+                                                     trust_remote_code=cfg.trust_remote_code, **kernel)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.name_or_path={path}: cannot load model "
                              f"({str(e).splitlines()[0][:200]}); offline, a hub id must be in the local HF "

@@ -106,8 +106,10 @@ class PeakMemory:
     size (sampled every 50 ms by a thread) on CPU. ``resource.getrusage`` is no use here: it is the
     peak of the whole process, and a sweep runs several configurations in one process."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.mb = interval, 0.0
+    def __init__(self, interval: float = 0.05, device=None):
+        """device: the run's device (CUDA peak only when the run computes on a GPU: a ``dist.cpu``
+        run on a GPU machine measures host memory); None: the current CUDA device if any."""
+        self.interval, self.mb, self.device = interval, 0.0, device
         self._stop = None
 
     @staticmethod
@@ -127,9 +129,9 @@ class PeakMemory:
 
         import torch
 
-        self.cuda = torch.cuda.is_available()
+        self.cuda = torch.cuda.is_available() if self.device is None else torch.device(self.device).type == "cuda"
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._stop = threading.Event()
         self.mb = self.rss_mb()
@@ -146,7 +148,7 @@ class PeakMemory:
         import torch
 
         if self.cuda:
-            self.mb = torch.cuda.max_memory_allocated() / 2**20
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             self._stop.set()
             self._thread.join()

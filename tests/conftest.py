@@ -13,49 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import stagewise.builtins  # noqa: E402,F401  (every built-in registry name, as a run has them)
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}A:{% endif %}")
-# a role-tagged, prefix-preserving template (ChatML-like) for SFT: each turn ends with <eos>
-CHATML_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def build_tokenizer(template: str = CHAT_TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<pad>"] = len(vocab)
-    vocab["<eos>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-    tok.chat_template = template
-    return tok
-
-
-def build_tiny_model(vocab_size: int, seed: int = 0, heads: int = 4):
-    """heads=1: one 64-wide head (vLLM's CPU attention has no kernel for 16-wide heads)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=min(heads, 2), max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                      bos_token_id=None)
-    return LlamaForCausalLM(cfg)
-
-
-def make_tiny_dir(path: Path, seed: int = 0, template: str = CHAT_TEMPLATE, heads: int = 4) -> Path:
-    tok = build_tokenizer(template)
-    model = build_tiny_model(len(tok), seed, heads)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from tests.tiny import (  # noqa: E402,F401  (re-exported: tests import them from here)
+    CHAT_TEMPLATE,
+    CHATML_TEMPLATE,
+    build_tiny_model,
+    build_tokenizer,
+    make_tiny_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +42,27 @@ def tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer(str(tiny_model_dir))
 
 
+def gpu_session(config) -> bool:
+    """`pytest -m gpu`: the GPU tests only. Any other selection is the CPU suite."""
+    return (config.option.markexpr or "").strip() == "gpu"
+
+
+def pytest_configure(config):
+    # The CPU suite runs on CPU even where GPUs are visible: its pinned numbers are CPU fp32 ones,
+    # and its 2-process tests would otherwise put both ranks on cuda:0 (NCCL: duplicate GPU).
+    # Hidden before anything asks CUDA, for this process and every process a test launches.
+    if not gpu_session(config):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
+    if gpu_session(config) and torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    reason = ("GPU tests run on their own: pytest -m gpu (make gpu-check runs them)" if not gpu_session(config)
+              else "needs a CUDA GPU (run on the GPU machine)")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -62,6 +62,7 @@ register("rollout_engine", "short_turns")(ShortTurns)
 
 # --- a third stage kind, written on the stage scaffold alone ------------------------------------
 
+import os  # noqa: E402
 import random  # noqa: E402
 
 import torch  # noqa: E402
@@ -105,9 +106,52 @@ def train_probe_stage(job):
         total, count = logprob_sum(lm, rows, run.device)
         sums, _ = reduce_step_stats(run.device, sums={"logp": total, "tokens": count}, rows={})
         probe = sums["logp"] / sums["tokens"]
-        if run.end_step({"probe": probe}, samples=PROBE_ROWS, curve=probe, progress={"probe": probe}):
+        # how the strategy wrapped the model (DDP: gradients in its buckets, no second copy)
+        bucket_view = float(getattr(run.strategy.model, "gradient_as_bucket_view", -1))
+        if run.end_step({"probe": probe, "ddp_bucket_view": bucket_view}, samples=PROBE_ROWS, curve=probe,
+                        progress={"probe": probe}):
             return run.stopped()
     return run.finish(job.tokenizer)
 
 
 register("stage", "probe")(StageKind(train=train_probe_stage, check=lambda cfg, i, world: None, needs_reward=False))
+
+
+def count_gathers_per_rollout(directory: str) -> None:
+    """With STAGEWISE_TEST_COUNT_GATHERS=DIR (tests/parallel/test_multiprocess.py): every rank
+    appends, per ``generator()`` block of a training strategy's local engine, the all-gathers it
+    ran inside the block to DIR/rank-R.jsonl (a recording stub around torch.distributed)."""
+    import json
+    import os
+    from contextlib import contextmanager
+
+    import torch.distributed as td
+
+    calls = {"n": 0}
+    names = ("all_gather_into_tensor", "all_gather", "_all_gather_base", "all_gather_coalesced", "all_gather_single")
+    for name in names:
+        real = getattr(td, name, None)
+        if real is None:
+            continue
+
+        def counted(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+
+        setattr(td, name, counted)
+    block = LocalEngine.generator
+
+    @contextmanager
+    def generator(self):
+        before = calls["n"]
+        with block(self) as gen:
+            yield gen
+        if type(self.weights).__name__ == "TrainStrategy":
+            with open(os.path.join(directory, f"rank-{os.environ.get('RANK', '0')}.jsonl"), "a") as fh:
+                fh.write(json.dumps({"gathers": calls["n"] - before}) + "\n")
+
+    LocalEngine.generator = generator
+
+
+if os.environ.get("STAGEWISE_TEST_COUNT_GATHERS"):
+    count_gathers_per_rollout(os.environ["STAGEWISE_TEST_COUNT_GATHERS"])

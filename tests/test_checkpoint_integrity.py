@@ -110,3 +110,74 @@ def test_resume_with_force_goes_on(tiny_model_dir, tmp_path):
     run_curriculum(cfg, stop_after=2)
     changed = tiny_config(tiny_model_dir, tmp_path / "r", stages=1, steps=3, overrides=OVERRIDES + ["seed=5"])
     assert not run_curriculum(changed, resume=True, force=True)["stopped"]
+
+
+def _fake_checkpoint(root, step: int) -> None:
+    from stagewise.checkpoint import MANIFEST, file_table
+
+    d = root / "checkpoints" / f"step-{step}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (d / MANIFEST).write_text(json.dumps({"step": step, "files": file_table(d)}))
+
+
+def _agree_worker(rank: int, port: int, roots: list, results):
+    """One of two gloo processes: which checkpoint it resumes from and how many files it hashed."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), STAGEWISE_SHARED_FS_WAIT_S="2")
+    import torch.distributed as td
+    from accelerate.state import PartialState
+
+    from stagewise import checkpoint
+
+    PartialState(cpu=True, backend="gloo")
+    hashed = []
+    real = checkpoint.sha256
+    checkpoint.sha256 = lambda p: hashed.append(p.name) or real(p)
+    try:
+        chosen = checkpoint.agreed_checkpoint(roots[rank])
+        results.put((rank, chosen.name if chosen else None, len(hashed), None))
+    except Exception as e:  # noqa: BLE001  (reported to the test)
+        results.put((rank, None, len(hashed), f"{type(e).__name__}: {e}"))
+    finally:
+        td.destroy_process_group()
+
+
+def _agree(roots) -> dict:
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_agree_worker, args=(r, port, [str(x) for x in roots], results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict((r, rest) for r, *rest in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+@pytest.mark.slow
+def test_only_the_main_process_checksums_on_resume_and_every_rank_takes_its_choice(tmp_path):
+    import shutil
+
+    _fake_checkpoint(tmp_path, 1)
+    _fake_checkpoint(tmp_path, 2)
+    newest = tmp_path / "checkpoints" / "step-2" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[::-1])  # damaged: rank 0 refuses it, everyone resumes from step-1
+    out = _agree([tmp_path, tmp_path])
+    assert out[0] == ["step-1", 2, None] and out[1] == ["step-1", 0, None]  # rank 0 hashed step-2, then step-1
+    # a machine whose output_dir is another disk (no shared filesystem): every rank stops, saying so
+    alone = tmp_path / "other_machine"
+    shutil.copytree(tmp_path / "checkpoints", alone / "checkpoints")
+    shutil.rmtree(alone / "checkpoints" / "step-1")
+    out = _agree([tmp_path, alone])
+    for rank in (0, 1):
+        assert out[rank][0] is None and "1 process(es) cannot see checkpoint" in out[rank][2], out
+        assert "a filesystem every machine shares" in out[rank][2]

@@ -48,3 +48,4 @@ def test_sampled_trials_give_pass_k_independent_of_batching(tiny):
     assert 0.0 < rate < 1.0, "the check needs some tasks that sometimes fail: change the seed"
     greedy = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
     assert list(greedy[2]) == [1] and greedy[2][1] == greedy[0]
+

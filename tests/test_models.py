@@ -102,3 +102,12 @@ def test_bundled_model_converts_once_then_loads_fast(tmp_path, monkeypatch, caps
     out, cmask, _ = sample(model, ids, mask, max_new_tokens=12, eos_token_ids=eos_ids(tok),
                            pad_token_id=tok.pad_token_id, greedy=True)
     assert "Paris" in tok.decode(out[0][cmask[0].bool()])
+
+
+def test_attn_implementation_reaches_the_model(tiny_model_dir):
+    from stagewise.config import ModelConfig
+    from stagewise.models import load_model
+
+    assert load_model(str(tiny_model_dir), ModelConfig(attn_implementation="eager")).config._attn_implementation \
+        == "eager"
+    assert load_model(str(tiny_model_dir), ModelConfig()).config._attn_implementation == "sdpa"

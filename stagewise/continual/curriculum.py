@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from stagewise import faults
-from stagewise.checkpoint import is_exported, latest_checkpoint
+from stagewise.checkpoint import agreed_checkpoint, is_exported
 from stagewise.config import RunConfig, dump_config
 from stagewise.continual import preflight
 from stagewise.continual.metrics import continual_metrics, loss_metrics
@@ -138,7 +138,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
             job = StageJob(cfg=cfg, index=i, tokenizer=tok, domains=[by_name[d] for d in stage.domains],
                            replay_domains=list(dict.fromkeys(replay)), init_path=prev_path, ref_path=ref_path,
                            out_dir=sdir, run_dir=out, tracker=tracker,
-                           resume=resume and latest_checkpoint(sdir, quiet=True) is not None,
+                           resume=resume and agreed_checkpoint(sdir, quiet=True) is not None,
                            stop_after=None if stop_after is None else stop_after - offset,
                            global_step_offset=offset)
             t0 = time.time()

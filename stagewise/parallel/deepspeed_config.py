@@ -1,7 +1,7 @@
 """DeepSpeed JSON from the run config: every batch number resolved, or a user JSON checked.
 
     cfg = make_deepspeed_config(dist, micro_batch=8, grad_accum=4, world_size=2,
-                                max_grad_norm=1.0, hidden_size=576)
+                                max_grad_norm=1.0, hidden_size=576, on_gpu=True)
     # cfg["train_batch_size"] == 8 * 4 * 2
 
 Bucket sizes follow the DeepSpeed/HF recommendation for a model of hidden size h:
@@ -20,19 +20,21 @@ STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
 def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int, world_size: int,
-                          max_grad_norm: float, hidden_size: int) -> dict:
+                          max_grad_norm: float, hidden_size: int, on_gpu: bool) -> dict:
+    """on_gpu: the run trains on GPUs (NCCL): gradient reduction overlaps the backward and offloaded
+    tensors live in pinned host memory; on CPU (gloo) neither helps."""
     stage = STAGES[dist.strategy]
     h2 = hidden_size * hidden_size
-    zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+    zero: dict = {"stage": stage, "overlap_comm": on_gpu, "contiguous_gradients": True,
                   "reduce_bucket_size": h2, "allgather_bucket_size": max(h2, 5 * 10**7)}
     if stage == 3:
         zero.update({"stage3_prefetch_bucket_size": int(0.9 * h2),
                      "stage3_param_persistence_threshold": 10 * hidden_size,
                      "stage3_gather_16bit_weights_on_model_save": True})
     if dist.offload in ("optimizer", "optimizer_and_params"):
-        zero["offload_optimizer"] = _offload(dist)
+        zero["offload_optimizer"] = _offload(dist, on_gpu)
     if dist.offload == "optimizer_and_params":
-        zero["offload_param"] = _offload(dist)
+        zero["offload_param"] = _offload(dist, on_gpu)
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -43,7 +45,8 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
         "bf16": {"enabled": dist.mixed_precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": dist.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
-        # we pass torch.optim.AdamW; allow it under ZeRO and with CPU offload
+        # we pass the optimizer (optim.make_adamw: DeepSpeed's CPU Adam when the optimizer is
+        # offloaded from GPUs, torch's AdamW otherwise); allow it under ZeRO and with CPU offload
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -51,8 +54,9 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
     }
 
 
-def _offload(dist: DistConfig) -> dict:
-    d = {"device": dist.offload_device, "pin_memory": dist.cpu is False}
+def _offload(dist: DistConfig, on_gpu: bool) -> dict:
+    # pinned host memory: asynchronous, full-bandwidth copies to and from the GPU (DeepSpeed's default)
+    d = {"device": dist.offload_device, "pin_memory": on_gpu}
     if dist.offload_device == "nvme":
         d["nvme_path"] = dist.nvme_path
     return d

@@ -17,15 +17,22 @@ final norm and head (tied weights stay together). The wrapper is the root so tha
 may call ``lm.model`` and ``lm.lm_head`` separately (chunked cross-entropy) and still have them
 gathered; code that calls ``policy.lm`` directly (sampling) unshards the root around it. Mixed precision is
 FSDP's own: fp32 sharded master weights, bf16 compute, fp32 gradient reduction. Checkpoints are
-written with torch.distributed.checkpoint, every rank its own shards.
+written with torch.distributed.checkpoint, every rank its own shards. Across machines the mesh is
+2-D (hybrid sharding: sharded within a machine, replicated across machines). Gradients are
+reduce-scattered after every micro-batch, as ZeRO-2/3 reduce theirs: skipping the reduction until
+the last one (``set_requires_gradient_sync``) would keep a whole unsharded gradient per process
+(4 bytes per parameter), the memory FSDP is chosen to save.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from stagewise.tracking import print0
 
 DCP_DIR = "fsdp_sharded"
 
@@ -41,13 +48,28 @@ def decoder_layers(lm) -> list[torch.nn.Module]:
     return layers
 
 
+def mesh_shape(world: int, per_machine: int) -> tuple[int, ...]:
+    """(world,): one flat mesh on one machine. Several machines: (machines, processes per machine),
+    hybrid sharding (HSDP), so that the per-layer all-gathers stay on each machine's fast links and
+    only gradients cross machines."""
+    if 0 < per_machine < world and world % per_machine == 0:
+        return (world // per_machine, per_machine)
+    return (world,)
+
+
 def shard_model(policy, *, device: torch.device, world: int, mixed_precision: str):
     """policy: a wrapper module whose ``.lm`` is the HF model; sharded in place and returned."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy.to(device)
-    mesh = init_device_mesh(device.type, (world,))
+    shape = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if len(shape) == 2:
+        print0(f"[stagewise] fsdp: hybrid sharding over {shape[0]} machines x {shape[1]} processes (parameters "
+               f"sharded within a machine, replicated across machines)")
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, shape)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
     for layer in decoder_layers(policy.lm):
@@ -58,6 +80,24 @@ def shard_model(policy, *, device: torch.device, world: int, mixed_precision: st
     # comes before any training step: initialise now. (torch 2.13 has no public call for this.)
     policy._get_fsdp_state()._lazy_init()
     return policy
+
+
+@contextmanager
+def unsharded(policy):
+    """Every unit's parameters gathered for the block and kept so across forwards (sampling: one
+    all-gather per unit instead of one per unit and decoded token); resharded after it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 @contextmanager

@@ -46,6 +46,22 @@ def _tool(name: str) -> list[str]:
     return [here] if os.path.exists(here) else [shutil.which(name) or name]
 
 
+def accelerate_strategy_flags(strategy: str, world: int, machines: int) -> list[str]:
+    """``accelerate launch`` flags for a strategy. Several machines under DeepSpeed take the
+    torchrun-style launcher (one per machine, ``standard``): accelerate's default there is DeepSpeed's
+    pdsh runner, which without a hostfile runs every machine as a job of its own."""
+    if strategy in ZERO:
+        flags = ["--use_deepspeed", "--zero_stage", str(ZERO[strategy])]
+        if machines > 1:
+            flags += ["--deepspeed_multinode_launcher", "standard"]
+        return flags
+    if strategy == "fsdp":
+        return ["--use_fsdp", "--fsdp_version", "2"]
+    if strategy == "ddp" or world > 1:
+        return ["--multi_gpu"]
+    return []
+
+
 def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
     """-> (argv, extra environment)."""
     n, m = args.num_processes, args.num_machines
@@ -56,12 +72,7 @@ def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
                                      "--machine_rank", str(args.machine_rank),
                                      "--main_process_ip", args.main_process_ip,
                                      "--main_process_port", str(args.main_process_port)]
-        if args.strategy in ZERO:
-            cmd += ["--use_deepspeed", "--zero_stage", str(ZERO[args.strategy])]
-        elif args.strategy == "fsdp":
-            cmd += ["--use_fsdp", "--fsdp_version", "2"]
-        elif args.strategy == "ddp" or n * m > 1:
-            cmd += ["--multi_gpu"]
+        cmd += accelerate_strategy_flags(args.strategy, n * m, m)
         if m > 1 or args.main_process_ip not in ("127.0.0.1", "localhost"):
             cmd += ["--rdzv_backend", "static", "--same_network"]
         return cmd + ["-m", "stagewise", *entry], env
@@ -72,7 +83,12 @@ def build_launch_command(args) -> tuple[list[str], dict[str, str]]:
                                    "-m", "stagewise", *entry]
         return cmd, env
     if args.launcher == "deepspeed":
-        # --no_ssh: each machine runs its own launcher (as with torchrun), no hostfile / pdsh needed
+        if m > 1:
+            # DeepSpeed's runner reads a hostfile even with --no_ssh; without one it falls back to
+            # this machine alone and raises "Num nodes is >1 but no extra nodes available via hostfile"
+            raise StagewiseError("--launcher deepspeed runs on one machine here (DeepSpeed's runner needs a "
+                                 "hostfile of every node for more); for several machines use --launcher "
+                                 "accelerate (the default) or torchrun, which start one launcher per machine")
         cmd = _tool("deepspeed") + ["--num_nodes", str(m), "--num_gpus", str(n), "--node_rank", str(args.machine_rank),
                                     "--master_addr", args.main_process_ip, "--master_port", str(args.main_process_port),
                                     "--no_ssh", "--no_local_rank", "--module", "stagewise", *entry]
@@ -94,15 +110,11 @@ def run_command(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def slurm_script(args) -> str:
-    """An sbatch script: one task per node; srun starts `accelerate launch` on each node with that
-    node's rank. ``$SLURM_NODEID`` is escaped so it expands on each node, not at submission."""
-    flags = ""
-    if args.strategy in ZERO:
-        flags = f"--use_deepspeed --zero_stage {ZERO[args.strategy]}"
-    elif args.strategy == "fsdp":
-        flags = "--use_fsdp --fsdp_version 2"
-    else:
-        flags = "--multi_gpu"
+    """An sbatch script: one task per node; srun starts `accelerate launch` (this environment's) on
+    each node with that node's rank. ``$SLURM_NODEID`` is escaped so it expands on each node, not at submission."""
+    flags = shlex.join(accelerate_strategy_flags(args.strategy, args.nodes * args.gpus_per_node, args.nodes)
+                       or ["--multi_gpu"])
+    accelerate = shlex.quote(_tool("accelerate")[0])
     rest = " ".join(shlex.quote(r) for r in (args.rest or []) if r != "--")
     partition = f"#SBATCH --partition={args.partition}\n" if args.partition else ""
     return f"""#!/bin/bash
@@ -120,7 +132,7 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT={args.port}
 export NUM_PROCESSES=$(( SLURM_NNODES * {args.gpus_per_node} ))
 
-srun --kill-on-bad-exit=1 bash -c "accelerate launch \\
+srun --kill-on-bad-exit=1 bash -c "{accelerate} launch \\
   --num_machines $SLURM_NNODES --num_processes $NUM_PROCESSES \\
   --machine_rank \\$SLURM_NODEID \\
   --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \\

@@ -113,14 +113,29 @@ class TrainStrategy:
         return self.acc.device
 
     @contextmanager
-    def sampling_module(self):
-        """The HF model with the current weights, in eval mode, under the run's autocast, for sampling."""
+    def sampling_module(self, gather: bool = True):
+        """The HF model with the current weights, in eval mode, under the run's autocast, for sampling.
+        gather (ZeRO-3 / FSDP): every parameter gathered once for the whole block, so decoding is no
+        collective (otherwise each layer gathers itself in every forward: once per decoded token)."""
         self.model.eval()
         try:
-            with self.acc.autocast(), self.lm_for_direct_calls() as lm:
+            with self.acc.autocast(), self._gathered(gather), self.lm_for_direct_calls() as lm:
                 yield lm
         finally:
             self.model.train()
+
+    @contextmanager
+    def _gathered(self, gather: bool):
+        if gather and self.name == "zero3":
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.model):  # DeepSpeed's own (hooks off, params whole)
+                yield
+        elif gather and self.name == "fsdp":
+            with fsdp.unsharded(self.model):
+                yield
+        else:
+            yield
 
     @property
     def can_replicate(self) -> bool:

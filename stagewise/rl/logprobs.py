@@ -1,8 +1,11 @@
-"""Log-probabilities of completion tokens only, without a full-batch fp32 log-softmax."""
+"""Log-probabilities (and entropies) of completion tokens only: the transformer body on the whole
+micro-batch, the vocabulary head and log-softmax on the completion tokens in chunks, so that the
+(tokens x vocab) logits of a micro-batch never exist (SFT's loss does the same: sft/loss.py)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from stagewise.generation.padding import position_ids_from_mask
 
@@ -32,12 +35,68 @@ def entropy_from_logits(logits: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def completion_logits(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, group_size: int = 1) -> torch.Tensor:
-    """Logits at the positions that predict each completion token: (B, C, V).
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the head + log-softmax: one fp32 (chunk, V) block is ~256 MB (441
+    tokens for Qwen3's 151,936-word vocabulary, 1,365 for SmolLM2's 49,152)."""
+    return max(16, 2**26 // vocab)
 
-    prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded. Only the C predicting
-    positions reach the vocabulary projection (``logits_to_keep``), never the prompt's.
+
+def _chunk_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: torch.nn.Module, temperature: float,
+                    softcap: float | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (n, H), ids (n,) -> log-prob (n,) fp32 and entropy (n,) fp32 (detached; empty when not asked)."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, ids[:, None]).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, logp.new_zeros(0)
+    with torch.no_grad():
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: torch.nn.Module, *, temperature: float = 1.0,
+                   softcap: float | None = None, with_entropy: bool = False,
+                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden (N, H) at the positions predicting ids (N,) -> log-probs (N,) fp32 and entropy (N,) or None.
+
+    The head and the log-softmax run ``chunk`` tokens at a time, each chunk (when there are
+    several) under activation checkpointing (its logits recomputed in backward, not kept): the
+    (N, V) logits never exist, in any dtype; peak extra memory is a few (chunk, V) fp32 blocks.
+    """
+    chunk = chunk or chunk_tokens(head.weight.size(0))
+    # one chunk only (short completions): nothing to save by recomputing its logits in backward
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > chunk
+    logps, entropies = [], []
+    for i in range(0, hidden.size(0), chunk):
+        args = (hidden[i:i + chunk], ids[i:i + chunk], head, temperature, softcap, with_entropy)
+        if recompute:
+            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+
+
+def _body_and_head(lm):
+    """The transformer body (hidden states out) and the output head of an HF causal LM (peft unwrapped)."""
+    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return hf, getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+
+
+def completion_hidden(body, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """Hidden states at the positions that predict each completion token: (B, C, H).
+
+    prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded. Only the body runs here (no
+    vocabulary projection: ``token_logprobs`` applies the head in chunks).
 
     group_size > 1 (rows come in groups of G that share one prompt, as in GRPO): the prompt is
     run once per group and its KV cache repeated G times; the completions then attend to it.
@@ -49,32 +108,42 @@ def completion_logits(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     if group_size > 1:
         p_ids, p_mask = prompt_ids[::group_size], prompt_mask[::group_size]
         p_pos = position_ids_from_mask(p_mask)
-        out = lm(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        out = body(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
         cache = out.past_key_values
         cache.batch_repeat_interleave(group_size)
-        first = out.logits[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts completion token 0
+        first = out.last_hidden_state[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts token 0
+        if C == 1:
+            return first
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         pos = p_pos[:, -1:].repeat_interleave(group_size, dim=0) + 1 + torch.arange(C, device=prompt_ids.device)
-        rest = lm(input_ids=completion_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                  use_cache=True, logits_to_keep=C).logits[:, :-1, :]
+        rest = body(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                    past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([first, rest.to(first.dtype)], dim=1)
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-             logits_to_keep=C + 1, use_cache=False)
-    return out.logits[:, :-1, :]  # position t predicts token t+1: drop the last
+    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                  use_cache=False).last_hidden_state
+    return hidden[:, -C:, :]  # position t predicts token t+1
 
 
 def completion_logprobs(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
                         group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log pi(completion token | prefix): logp (B, C) fp32, and entropy (B, C) (no grad) or None."""
-    logits = completion_logits(lm, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = selective_logprobs(logits, completion_ids)
-    ent = entropy_from_logits(logits.detach()) if with_entropy else None
-    return logp, ent
+    """Log pi(completion token | prefix): logp (B, C) fp32, and entropy (B, C) (no grad) or None.
+    Positions outside completion_mask are 0 in both (never computed: no head, no softmax)."""
+    hf, body, head = _body_and_head(lm)
+    hidden = completion_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    B, C = completion_ids.shape
+    where = completion_mask.reshape(-1).nonzero().squeeze(1)
+    picked = hidden.reshape(B * C, -1).index_select(0, where)
+    logp, entropy = token_logprobs(picked, completion_ids.reshape(-1).index_select(0, where), head,
+                                   temperature=temperature, with_entropy=with_entropy,
+                                   softcap=getattr(hf.config, "final_logit_softcapping", None))
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(B * C).index_copy(0, where, values).view(B, C)
+
+    return spread(logp), (spread(entropy) if with_entropy else None)
 
 
 class PolicyLogprobs(torch.nn.Module):

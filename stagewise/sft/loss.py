@@ -9,7 +9,8 @@ The transformer body runs on the whole (B, T) batch; the head and the log-softma
 only, ``chunk`` at a time, each chunk under activation checkpointing (its logits are recomputed in
 backward instead of kept): peak extra memory is one (chunk, V) fp32 block. Packed rows need no
 attention mask: positions restart at 0 for every example and transformers then builds a
-block-diagonal causal mask (a variable-length kernel with flash attention).
+block-diagonal causal mask (dense under the default sdpa kernel; a variable-length kernel with
+``model.attn_implementation: flash_attention_2``).
 """
 
 from __future__ import annotations

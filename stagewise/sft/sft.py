@@ -177,7 +177,9 @@ def micro_batch_size(job: StageJob, per_process: int, total_steps: int, checkpoi
 def is_oom(e: BaseException) -> bool:
     from accelerate.utils.memory import should_reduce_batch_size
 
-    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
+    # NCCL reports a device out of memory as a DistBackendError ("... out of memory ...")
+    nccl_oom = type(e).__name__ == "DistBackendError" and "out of memory" in str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e) or nccl_oom
 
 
 def choose_micro_batch(job: StageJob, per_process: int, total_steps: int) -> tuple[int, list[int]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from stagewise import faults
-from stagewise.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagewise.checkpoint import agreed_checkpoint, export_model, load_checkpoint, save_checkpoint
 from stagewise.errors import TrainingError
 from stagewise.models import load_model_config
 from stagewise.optim import make_adamw, make_scheduler
@@ -54,15 +54,17 @@ def build_strategy(job: StageJob, module: torch.nn.Module, *, micro_batch: int, 
     acc = runtime.build_accelerator(cfg.dist, grad_accum=accumulation, micro_batch=micro_batch,
                                     max_grad_norm=optim_cfg.max_grad_norm, hidden_size=hidden,
                                     output_dir=str(job.run_dir), stage_dir=str(job.out_dir))
+    offloaded_from_gpu = runtime.optimizer_offloaded_from_gpu(cfg.dist)
     return TrainStrategy.create(acc, cfg.dist.strategy, module,
-                                lambda params: make_adamw(params, optim_cfg, cfg.dist.strategy),
+                                lambda params: make_adamw(params, optim_cfg, cfg.dist.strategy,
+                                                          offloaded_from_gpu=offloaded_from_gpu),
                                 lambda opt: make_scheduler(opt, optim_cfg, optimizer_steps),
                                 max_grad_norm=optim_cfg.max_grad_norm, mixed_precision=cfg.dist.mixed_precision)
 
 
 def resume_checkpoint(job: StageJob) -> Path | None:
     """The checkpoint a resumed stage continues from (the newest that verifies), or None."""
-    return latest_checkpoint(job.out_dir) if job.resume else None
+    return agreed_checkpoint(job.out_dir) if job.resume else None
 
 
 class StageRun:
@@ -95,7 +97,7 @@ class StageRun:
         self._probe: dict = {}  # the dtype of the stage's first training forward (logged once)
         self._bar = StepProgress(total_steps, f"stage {job.index + 1} {job.name} ({self.kind})",
                                  self.cfg.logging.progress, start=self.counters.step)
-        self._peak = PeakMemory().start()
+        self._peak = PeakMemory(device=self.device).start()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -112,14 +114,18 @@ class StageRun:
         return self.counters.step >= self.total_steps
 
     def _log_start(self, extra: dict) -> None:
-        """Which fraction of the parameters each rank holds (1/N under ZeRO-3 / FSDP, 1 otherwise) and
-        the dtype of the weights the optimizer updates (collective)."""
+        """Which fraction of the parameters each rank holds (1/N under ZeRO-3 / FSDP, 1 otherwise), the
+        CUDA device each rank computes on (-1: CPU; each rank must have its own) and the dtype of the
+        weights the optimizer updates (collective)."""
         strategy = self.strategy
         total = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.model.parameters())
-        fractions = gather_rows(torch.tensor([strategy.param_fraction()], device=self.device)).cpu().tolist()
+        cuda = torch.cuda.current_device() if self.device.type == "cuda" else -1
+        per_rank = gather_rows(torch.tensor([[strategy.param_fraction(), cuda]], device=self.device)).cpu().tolist()
         master = str(strategy.master_dtype()).removeprefix("torch.")
         self.job.tracker.log({"stage": self.job.index + 1, "kind": self.kind, "micro_batch": self.micro_batch,
-                              "accumulation": self.accumulation, **extra, "param_fraction_per_rank": fractions,
+                              "accumulation": self.accumulation, **extra,
+                              "param_fraction_per_rank": [row[0] for row in per_rank],
+                              "cuda_device_per_rank": [int(row[1]) for row in per_rank],
                               "params_total": total, "master_dtype": master}, step=self.job.global_step_offset)
 
     # --- one step ----------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
 
     other = make_tiny_dir(tmp_path / "other", seed=7, template=CHATML_TEMPLATE)
     monkeypatch.setattr(users, "_policy_weights", [])
+    monkeypatch.setattr(users, "_user_models", {})
     loaded = []
     real = users._load_user_model
     monkeypatch.setattr(users, "_load_user_model",
@@ -119,6 +120,8 @@ def test_policy_user_is_the_current_stages_starting_weights(tmp_path, tiny_chat_
     users.set_policy_weights(str(other))
     first(policy)
     assert loaded == [str(tiny_chat_dir), str(tiny_chat_dir), str(other)]
+    # the previous stage's policy copy is not kept (a whole model per GPU for the rest of the run)
+    assert {k[0] for k in users._user_models} == {str(other)}
 
 
 @pytest.mark.parametrize("spec,message", [

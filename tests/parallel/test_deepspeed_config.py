@@ -7,9 +7,29 @@ from stagewise.errors import ConfigError
 from stagewise.parallel.deepspeed_config import check_user_config, load_user_config, make_deepspeed_config, write_config
 
 
-def make(strategy="zero3", **kw):
+def make(strategy="zero3", on_gpu=False, **kw):
     return make_deepspeed_config(DistConfig(strategy=strategy, **kw), micro_batch=4, grad_accum=3, world_size=2,
-                                 max_grad_norm=0.5, hidden_size=64)
+                                 max_grad_norm=0.5, hidden_size=64, on_gpu=on_gpu)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_on_a_gpu_machine_by_default_offload_is_pinned_and_reduction_overlaps(monkeypatch, strategy):
+    """dist.cpu unset on a machine with CUDA: what a GPU user runs (CUDA patched in)."""
+    import torch
+
+    from stagewise.parallel import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    offload = "optimizer_and_params" if strategy == "zero3" else "optimizer"
+    ds = runtime.deepspeed_json(DistConfig(strategy=strategy, offload=offload), micro_batch=1,
+                                grad_accum=1, world_size=8, max_grad_norm=1.0, hidden_size=64)
+    z = ds["zero_optimization"]
+    assert z["overlap_comm"] is True and z["offload_optimizer"]["pin_memory"] is True
+    assert strategy == "zero2" or z["offload_param"]["pin_memory"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same config on a CPU machine (gloo)
+    z = runtime.deepspeed_json(DistConfig(strategy=strategy, offload="optimizer"), micro_batch=1, grad_accum=1,
+                               world_size=2, max_grad_norm=1.0, hidden_size=64)["zero_optimization"]
+    assert z["overlap_comm"] is False and z["offload_optimizer"]["pin_memory"] is False
 
 
 def test_batch_numbers_resolved_and_buckets_from_hidden_size():

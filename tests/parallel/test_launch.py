@@ -79,3 +79,131 @@ def test_slurm_script_text():
     # the script is valid bash
     r = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def accelerate_plan(argv: list[str]):
+    """What `accelerate launch argv` would start, through accelerate's own parser and DeepSpeed
+    command builder: (deepspeed runner argv or None for torchrun, the parsed args)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(argv)
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed
+    # as accelerate's launch_command does before deepspeed_launcher
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config) if defaults else ""
+    cmd, _env = prepare_deepspeed_cmd_env(args)
+    return cmd, args
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_two_machine_zero_launch_is_torchrun_style_not_pdsh(strategy):
+    # accelerate's default for DeepSpeed on several machines is its pdsh runner, which without a
+    # hostfile runs each machine as a job of its own (same output_dir, no error)
+    args = parse("launch", "--strategy", strategy, "--num-processes", "8", "--num-machines", "2", "--machine-rank", "1",
+                 "--main-process-ip", "10.0.0.1", "cfg.yaml")
+    cmd, _ = build_launch_command(args)
+    assert cmd[1] == "launch"
+    runner, parsed = accelerate_plan(cmd[2:])
+    assert runner is None, runner
+    assert (parsed.nnodes, parsed.node_rank, parsed.nproc_per_node) == ("2", 1, "8")
+    assert (parsed.master_addr, parsed.master_port) == ("10.0.0.1", "29500")
+
+
+def test_slurm_script_runs_a_torchrun_style_deepspeed_launch_on_each_node(tmp_path):
+    """The script run by bash with srun / scontrol stubbed; the argv it gives accelerate on node 1,
+    through accelerate's parser."""
+    text = slurm_script(parse("slurm", "--nodes", "2", "--gpus-per-node", "8", "--strategy", "zero2", "cfg.yaml"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    argv_file = tmp_path / "argv.json"
+    stubs = {
+        "scontrol": "#!/bin/bash\necho node-a; echo node-b\n",
+        # srun: run the task as node 1 of the allocation would
+        "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n',
+        "fake-accelerate": (f"#!{sys.executable}\nimport json, sys\n"
+                            f"json.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n"),
+    }
+    for name, body in stubs.items():
+        (bindir / name).write_text(body)
+        (bindir / name).chmod(0o755)
+    accelerate = shlex.quote(str(Path(sys.executable).parent / "accelerate"))
+    assert f"{accelerate} launch" in text  # this environment's accelerate, not whichever is on PATH
+    text = text.replace(f"{accelerate} launch", f"{bindir / 'fake-accelerate'} launch")
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2"}
+    r = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    argv = json.loads(argv_file.read_text())
+    assert argv[0] == "launch"
+    runner, parsed = accelerate_plan(argv[1:])
+    assert runner is None, runner
+    assert (parsed.nnodes, parsed.node_rank, parsed.nproc_per_node, parsed.master_addr) == ("2", 1, "8", "node-a")
+    assert parsed.training_script_args[-1] == "dist.strategy=zero2"
+
+
+def test_deepspeed_launcher_refuses_several_machines():
+    args = parse("launch", "--strategy", "zero2", "--num-processes", "8", "--num-machines", "2",
+                 "--launcher", "deepspeed", "cfg.yaml")
+    from stagewise.errors import StagewiseError
+
+    with pytest.raises(StagewiseError, match="hostfile.*--launcher accelerate"):
+        build_launch_command(args)
+
+
+def documented_launches() -> list[str]:
+    """Every `stagewise launch` / `stagewise slurm` command a config header or the README gives."""
+    root = Path(__file__).resolve().parents[2]
+    lines = []
+    for path in sorted((root / "configs").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("# "))
+    lines += (root / "README.md").read_text().splitlines()
+    commands = []
+    for line in lines:
+        line = line.split("#")[0].split(">")[0].strip()
+        for prefix in (".venv/bin/stagewise ", "stagewise "):
+            if line.startswith(prefix + "launch ") or line.startswith(prefix + "slurm "):
+                commands.append(line[len(prefix):])
+                break
+    return commands
+
+
+def test_every_documented_launch_passes_preflight_for_its_world_size(capsys):
+    from stagewise.cli import main
+
+    commands = documented_launches()
+    assert any("tau2_three_domains.yaml" in c for c in commands) and any(c.startswith("slurm") for c in commands)
+    root = Path(__file__).resolve().parents[2]
+    for command in commands:
+        argv = shlex.split(command)
+        argv = [str(root / a) if a.endswith(".yaml") else a for a in argv]
+        if argv[0] == "launch":
+            argv.append("--dry-run")
+        assert main(argv) == 0, command
+    assert "error" not in capsys.readouterr().err
+
+
+def test_dry_run_after_the_config_is_still_a_dry_run():
+    r = subprocess.run([sys.executable, "-m", "stagewise", "launch", "--strategy", "ddp", "--num-processes", "2",
+                        str(DEMO), "optim.lr=1e-5", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--dry-run" not in r.stdout and r.stdout.rstrip().endswith("optim.lr=1e-5 dist.strategy=ddp")
+
+
+def test_slurm_checks_the_config_for_nodes_times_gpus():
+    r = subprocess.run([sys.executable, "-m", "stagewise", "slurm", "--nodes", "2", "--gpus-per-node", "8", str(DEMO)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "rollout.prompts_per_step=4 must be divisible by the 16 processes" in r.stderr
+    assert "#!/bin/bash" not in r.stdout
+
+
+def test_multi_node_accelerate_config_is_torchrun_style():
+    config = Path(__file__).resolve().parents[2] / "accelerate_configs" / "multi_node_example.yaml"
+    runner, parsed = accelerate_plan(["--config_file", str(config), "--machine_rank", "1",
+                                      "-m", "stagewise", "run", "cfg.yaml"])
+    assert runner is None, runner
+    assert (parsed.nnodes, parsed.node_rank, parsed.nproc_per_node) == ("2", 1, "8")

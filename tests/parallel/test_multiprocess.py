@@ -244,21 +244,28 @@ def test_sharded_checkpoint_resumes_with_two_processes(fp32_runs, tiny_model_dir
     assert_same_weights(fp32_runs / strategy, fp32_runs / f"{strategy}_resume", atol=0)  # identical
 
 
-def machine_cmds(cfg: Path) -> list[list[str]]:
+def machine_cmds(cfg: Path, strategy: str = "ddp") -> list[list[str]]:
     port = str(free_port())
-    common = [sys.executable, "-m", "stagewise", "launch", "--strategy", "ddp", "--num-processes", "1",
+    common = [sys.executable, "-m", "stagewise", "launch", "--strategy", strategy, "--num-processes", "1",
               "--num-machines", "2", "--main-process-ip", "127.0.0.1", "--main-process-port", port]
     return [[*common, "--machine-rank", str(r), str(cfg)] for r in (0, 1)]
 
 
-def test_two_machines_on_loopback(fp32_runs, tiny_model_dir):
-    cfg = write_cfg(fp32_runs, tiny_model_dir, "two_machines")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_machines_on_loopback(fp32_runs, tiny_model_dir, strategy):
+    """FSDP across machines: hybrid sharding (here 2 machines x 1 process: replicated across the
+    machines), equal to one machine's 2-process FSDP."""
+    name = f"two_machines_{strategy}"
+    cfg = write_cfg(fp32_runs, tiny_model_dir, name)
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in machine_cmds(cfg)]
+             for c in machine_cmds(cfg, strategy)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert_clean((p.returncode, log), "two machines")
-    assert_same_weights(fp32_runs / "ddp", fp32_runs / "two_machines", atol=1e-6)
+    assert_same_weights(fp32_runs / strategy, fp32_runs / name, atol=1e-6 if strategy == "ddp" else 2e-5)
+    if strategy == "fsdp":
+        assert "hybrid sharding over 2 machines x 1 processes" in logs[0]
+        assert first(fp32_runs / name, "param_fraction_per_rank") == [1.0, 1.0]  # shards of 1: replicas
 
 
 @pytest.mark.parametrize("launcher, strategy", [("torchrun", "ddp"), ("deepspeed", "zero2")])
@@ -379,3 +386,24 @@ def test_lora_zero3_export_gathers_full_merged_weights(fp32_runs, tiny_model_dir
     assert set(merged) == set(base)  # a plain model: no adapter tensors
     q = "model.layers.0.self_attn.q_proj.weight"
     assert (merged[q] - base[q]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_sharded_local_sampling_gathers_once_per_rollout_not_per_token(tmp_path, tiny_model_dir, strategy):
+    """Two stages whose rollouts decode 2 and then 8 tokens: the all-gathers each rank runs inside a
+    rollout block (counted by tests/plugins.py) do not grow with the tokens decoded. Each layer
+    gathering itself in every forward would cost ~4x more in the second stage."""
+    raw = tiny_raw(tiny_model_dir, tmp_path / strategy, stages=2, steps=1)
+    raw["stages"][0]["rollout"] = {"max_new_tokens": 2}
+    raw["stages"][1]["rollout"] = {"max_new_tokens": 8}
+    raw["eval"]["before_first_stage"] = False
+    raw["dist"] = {"mixed_precision": "no"}
+    cfg = tmp_path / f"{strategy}.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    counts = tmp_path / "gathers"
+    counts.mkdir()
+    launch(cfg, strategy, env={"STAGEWISE_TEST_COUNT_GATHERS": str(counts)})
+    for rank in (0, 1):
+        blocks = [json.loads(x)["gathers"] for x in (counts / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert len(blocks) == 2 and blocks[0] > 0, blocks  # one rollout per stage, each gathering the model
+        assert blocks[1] == blocks[0], blocks

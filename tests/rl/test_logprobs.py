@@ -1,19 +1,74 @@
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from stagewise.rl.logprobs import completion_logprobs, entropy_from_logits, selective_logprobs
+from stagewise.rl.logprobs import completion_logprobs, token_logprobs
 from tests.helpers import encode_prompts
 
 
-def test_selective_logprobs_equals_full_log_softmax():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_and_entropy_equal_the_full_log_softmax_with_gradients(temperature):
     torch.manual_seed(0)
-    logits = torch.randn(5, 3, 11)
-    ids = torch.randint(0, 11, (5, 3))
-    full = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
-    assert torch.allclose(selective_logprobs(logits, ids, chunk=2), full, atol=1e-6)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(7, 6, requires_grad=True)
+    ids = torch.randint(0, 11, (7,))
+    logits = head(hidden) / temperature
+    full = torch.log_softmax(logits, -1)
+    want = full.gather(-1, ids[:, None]).squeeze(-1)
+    want_entropy = -(full.exp() * full).sum(-1)
+    (g_want,) = torch.autograd.grad(want.sum(), hidden)
+    logp, entropy = token_logprobs(hidden, ids, head, temperature=temperature, with_entropy=True, chunk=3)
+    (g_have,) = torch.autograd.grad(logp.sum(), hidden)
+    assert torch.allclose(logp, want, atol=1e-6) and torch.allclose(entropy, want_entropy, atol=1e-6)
+    assert torch.allclose(g_have, g_want, atol=1e-6) and not entropy.requires_grad
 
 
-def test_entropy_uniform_is_log_v():
-    assert torch.allclose(entropy_from_logits(torch.zeros(2, 3, 8)), torch.full((2, 3), torch.log(torch.tensor(8.0))))
+def test_entropy_of_a_uniform_head_is_log_v():
+    head = torch.nn.Linear(4, 8, bias=False)
+    torch.nn.init.zeros_(head.weight)
+    _, entropy = token_logprobs(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), head, with_entropy=True)
+    assert torch.allclose(entropy, torch.full((5,), torch.log(torch.tensor(8.0))))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation outputs (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.bytes:
+                self.bytes, self.shape = t.numel() * t.element_size(), tuple(t.shape)
+        return out
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(group_size):
+    """B=2 completions of 2,048 tokens, a 32k vocabulary: the (B, C, V) logits would be 512 MB in
+    fp32 (5 GB in bf16 for 8k tokens of Qwen3's 152k); no tensor of forward or backward may come
+    near: at most one ~256 MB (chunk, V) fp32 block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagewise.rl.logprobs import chunk_tokens
+
+    torch.manual_seed(0)
+    V, C = 32_000, 2_048
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096))
+    p_ids = torch.randint(0, V, (2, 8))
+    c_ids = torch.randint(0, V, (2, C))
+    ones = torch.ones_like
+    with LargestTensor() as seen:
+        logp, entropy = completion_logprobs(lm, p_ids, ones(p_ids), c_ids, ones(c_ids), with_entropy=True,
+                                            group_size=group_size)
+        logp.sum().backward()
+    block = chunk_tokens(V) * V * 4
+    assert block < 2 * C * V * 4 / 1.9
+    assert seen.bytes <= block, (seen.shape, seen.bytes)
+    assert entropy.shape == logp.shape == (2, C)
 
 
 def test_completion_logprobs_match_a_full_forward(tiny):
@@ -50,5 +105,6 @@ def test_shared_prompt_path_matches_plain_forward_and_gradients(tiny):
         if g == 1:
             plain = lp.detach()
     assert torch.allclose(lp.detach() * c_mask, plain * c_mask, atol=1e-5)
+    assert torch.equal(lp.detach() * (1 - c_mask), torch.zeros_like(lp))  # padding: never computed
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n

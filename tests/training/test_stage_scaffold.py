@@ -39,6 +39,9 @@ def test_a_stage_kind_on_the_scaffold_stops_checkpoints_and_resumes_on_two_proce
     assert "resumed from" in resumed.stdout and "(step 2/4)" in resumed.stdout
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "probe" in r]
     assert [r["stage_step"] for r in rows] == [1, 2, 3, 4]  # steps 3 and 4 after the resume, none repeated
+    assert all(r["ddp_bucket_view"] == 1.0 for r in rows)  # DDP wrapped it with gradient_as_bucket_view
+    starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "params_total" in r]
+    assert [r["cuda_device_per_rank"] for r in starts] == [[-1, -1]] * 2  # both launches, both ranks (CPU)
 
     # every step scored its own rows (the data position is the step counter), both ranks together
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -269,3 +269,13 @@ def test_bundled_model_push_gives_the_trainers_logprobs():
     gaps = json.loads(lines[0].removeprefix("RESULT "))
     # bf16 engine vs fp32 trainer over 30 layers: mean |gap| ~0.03-0.06; a stale engine is off by ~3
     assert gaps["start"] < 0.1 and gaps["after_push"] < 0.1 and gaps["before_push"] > 1.0, gaps
+
+
+def test_reload_weights_takes_the_iterator_the_push_passes():
+    """The push passes ``weights_iterator`` only: the GPU model runner's other keywords differ
+    between vLLM versions (is_checkpoint_format in 0.32, process_weights_after_loading elsewhere)."""
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert "weights_iterator" in inspect.signature(GPUModelRunner.reload_weights).parameters

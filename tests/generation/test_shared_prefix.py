@@ -163,3 +163,57 @@ def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
                                      store=engine.prefix_store)
         _, fresh = sampling.prefill(model, ids, torch.ones_like(ids), torch.arange(1700)[None], lockstep=False)
     assert torch.equal(reused, fresh)
+
+
+def test_a_decode_step_asks_the_device_nothing_per_layer(monkeypatch):
+    """Host syncs (int(tensor), .item(), .tolist()) serialise kernel launches on a GPU: a decode
+    step's per-layer update + attention must not need any (a 36-layer model made 72 per token)."""
+    g = torch.Generator().manual_seed(0)
+    kv_heads, heads, d, layers = 2, 4, 8, 6
+    caches = [[(torch.randn(1, kv_heads, n, d, generator=g), torch.randn(1, kv_heads, n, d, generator=g))
+               for _ in range(layers)] for n in (20, 17)]
+    cache = SharedPrefixCache.from_prompts(caches, [(0, 16), (0, 16)], room=8)
+    cache.batch_repeat_interleave(2)
+    cache.groups()  # once per batch
+    syncs = []
+    for name in ("__int__", "item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            syncs.append(_name) or _real(self, *a, **k))
+    for _ in range(3):  # three decode steps through every layer
+        for li in range(layers):
+            view, _ = cache.update(torch.randn(4, kv_heads, 1, d), torch.randn(4, kv_heads, 1, d), li)
+            view.cache.attention(li, torch.randn(4, heads, 1, d), d ** -0.5)
+    assert syncs == []
+    monkeypatch.undo()
+    assert cache.tail_max == [int(n.max()) for n in cache.tail_len] == [4 + 3] * layers
+
+
+def test_cuda_attention_takes_a_kernel_that_returns_the_log_sum_exp(monkeypatch):
+    """On CUDA the tail and segment attention go to the memory-efficient SDPA kernel (it returns the
+    log-sum-exp and takes a mask), not to fp32 matmuls over the whole prefix. Checked here through the
+    dispatch, with the kernel replaced by a recording stub (no GPU on this machine); make gpu-check
+    compares the real kernel with the math path."""
+    from stagewise.generation import shared_prefix
+
+    assert shared_prefix.kernel_for("cuda") is shared_prefix.attend_cuda
+    assert shared_prefix.kernel_for("cpu") is shared_prefix.attend_cpu
+    assert shared_prefix.kernel_for("mps") is shared_prefix.attend_math
+    seen = []
+
+    def kernel(q, k, v, bias, compute_lse, dropout, causal, scale):
+        seen.append((tuple(bias.shape) if bias is not None else None, compute_lse, causal, scale))
+        out, lse = attend_math(q, k, v, scale, bias)
+        return out, torch.nn.functional.pad(lse, (0, 32 - lse.size(-1))), None, None  # lse padded as CUDA's
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", kernel, raising=False)
+    monkeypatch.setattr(shared_prefix, "_cuda_kernel_failed", [])
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 4)
+    mask[0, ..., 3] = float("-inf")
+    out, lse = shared_prefix.attend_cuda(q, k, v, 0.5, mask)
+    ref_out, ref_lse = attend_math(q, k, v, 0.5, mask)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert seen == [((2, 3, 4, 4), True, False, 0.5)]
