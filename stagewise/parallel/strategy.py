@@ -10,9 +10,11 @@ load (sharded) state.
             strategy.backward(loss, last=k == len(micro_batches) - 1)
     info = strategy.step()        # StepInfo(grad_norm=0.7, skipped=False, bad=False)
     weights = strategy.full_state_dict()                # collective; fp32 master weights on rank 0
+    reference = strategy.frozen(ref_model)              # held as the strategy holds weights (ZeRO-3: partitioned)
+    strategy.release()                                  # at the stage's end
 
 It is also the weight source of a stage's rollout engine (generation/engines.py): ``lm``,
-``sampling_module()``, ``named_weights()``, ``lockstep``, ``can_replicate``.
+``sampling_module(gather=)``, ``named_weights()``, ``lockstep``, ``can_replicate``.
 
 single / ddp / zero1-3 go through ``accelerator.prepare`` (DDP, DeepSpeed); fsdp through
 ``parallel/fsdp.py`` (torch ``fully_shard``, CPU and GPU alike).
@@ -27,6 +29,7 @@ fp16 loss-scale overflows are *skipped* steps but not *bad* ones: they are how l
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +61,7 @@ class TrainStrategy:
     _bad_local: torch.Tensor | None = field(default=None, repr=False)  # non-finite loss seen this step
     _bad_any: bool = False  # ... on any rank (decided at the last micro-batch)
     _ds_skipped: int = 0
+    _frozen_engines: list = field(default_factory=list, repr=False)  # DeepSpeed engines of frozen()
 
     @classmethod
     def create(cls, acc, strategy: str, module: torch.nn.Module, make_optimizer: Callable, make_scheduler: Callable,
@@ -231,10 +235,11 @@ class TrainStrategy:
             return p.dtype if hp is None else hp.dtype
         return p.dtype
 
-    def param_fraction(self) -> float:
-        """The fraction of the parameters this rank holds (1/N when sharded, 1 otherwise)."""
+    def param_fraction(self, module: torch.nn.Module | None = None) -> float:
+        """The fraction of the parameters (of ``module``, default the trained one) this rank holds
+        (1/N when sharded, 1 otherwise)."""
         local = total = 0
-        for p in self.model.parameters():
+        for p in (module or self.model).parameters():
             total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a 1/N shard in p.ds_tensor
             if hasattr(p, "ds_tensor"):
                 local += p.ds_tensor.numel()
@@ -243,6 +248,30 @@ class TrainStrategy:
             else:
                 local += p.numel()
         return local / max(total, 1)
+
+    def release(self) -> None:
+        """At the end of the stage: the engines, optimizer and accelerator state freed (DeepSpeed's
+        destroyed)."""
+        while self._frozen_engines:
+            self._frozen_engines.pop().destroy()
+        self.acc.free_memory()
+
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model for forward passes only (the KL reference), held as this strategy holds weights:
+        under ZeRO-3 partitioned over the ranks by an optimizer-less DeepSpeed engine (as TRL
+        prepares its reference), so it costs 1/N of a copy per GPU and each forward is a collective;
+        otherwise a whole copy on this device. Returns the HF model (the engine's module)."""
+        if self.name != "zero3":
+            return model.to(self.device).eval()
+        import deepspeed
+
+        config = copy.deepcopy(self.acc.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        self._frozen_engines.append(engine)  # kept alive (and destroyed) with the strategy
+        return engine.module
 
     @contextmanager
     def compute_dtype_probe(self, record: dict):

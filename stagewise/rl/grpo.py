@@ -186,16 +186,21 @@ def policy_inputs(mb: RolloutBatch, temperature: float) -> tuple:
 
 
 def load_reference(job: StageJob, run: StageRun):
-    """The KL term's reference model (bf16 under bf16 compute, frozen, a whole copy on every rank), or
-    None: when beta is 0, and under LoRA when the reference is the stage's starting weights (the
-    model with its adapters switched off is exactly that: stage 1, or reference: previous_stage)."""
+    """The KL term's reference model (bf16 under bf16 compute, frozen; a whole copy on every rank,
+    partitioned over them under ZeRO-3), or None: when beta is 0, and under LoRA when the reference
+    is the stage's starting weights (the model with its adapters switched off is exactly that:
+    stage 1, or reference: previous_stage)."""
     cfg, grpo_cfg = job.cfg, job.part("grpo")
     if grpo_cfg.beta == 0 or (run.strategy.is_lora and job.ref_path == job.init_path):
         return None
     with replicated_init():
         ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
                          dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32)
-    return ref.to(run.device).eval()
+    ref = run.strategy.frozen(ref)
+    fractions = gather_rows(torch.tensor([run.strategy.param_fraction(ref)], device=run.device)).cpu().tolist()
+    job.tracker.log({"stage": job.index + 1, "reference_param_fraction_per_rank": fractions},
+                    step=job.global_step_offset)
+    return ref
 
 
 def fixed_logprobs(forward, batch: RolloutBatch, micro_batch: int) -> torch.Tensor:

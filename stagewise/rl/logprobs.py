@@ -8,6 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from stagewise.generation.padding import position_ids_from_mask
+from stagewise.models import partitioned
 
 
 def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
@@ -41,10 +42,11 @@ def chunk_tokens(vocab: int) -> int:
     return max(16, 2**26 // vocab)
 
 
-def _chunk_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: torch.nn.Module, temperature: float,
+def _chunk_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head, temperature: float,
                     softcap: float | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (n, H), ids (n,) -> log-prob (n,) fp32 and entropy (n,) fp32 (detached; empty when not asked)."""
-    logits = head(hidden).float()
+    """hidden (n, H) (or logits (n, V) when head is None), ids (n,) -> log-prob (n,) fp32 and
+    entropy (n,) fp32 (detached; empty when not asked)."""
+    logits = (hidden if head is None else head(hidden)).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
@@ -67,12 +69,19 @@ def token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: torch.nn.Modul
     several) under activation checkpointing (its logits recomputed in backward, not kept): the
     (N, V) logits never exist, in any dtype; peak extra memory is a few (chunk, V) fp32 blocks.
     """
-    chunk = chunk or chunk_tokens(head.weight.size(0))
+    # the vocabulary from the module, not its weight (ZeRO-3 leaves a partitioned weight empty)
+    chunk = chunk or chunk_tokens(getattr(head, "out_features", None) or head.weight.size(0))
     # one chunk only (short completions): nothing to save by recomputing its logits in backward
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > chunk
+    rows, chunk_head = hidden, head
+    if partitioned(head):
+        # ZeRO-3: each call of the head gathers it, and ranks hold different numbers of tokens:
+        # the head runs once on all of them (its (N, V) logits in the compute dtype), the fp32
+        # log-softmax in chunks
+        rows, chunk_head = head(hidden), None
     logps, entropies = [], []
     for i in range(0, hidden.size(0), chunk):
-        args = (hidden[i:i + chunk], ids[i:i + chunk], head, temperature, softcap, with_entropy)
+        args = (rows[i:i + chunk], ids[i:i + chunk], chunk_head, temperature, softcap, with_entropy)
         if recompute:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from stagewise.models import partitioned
 from stagewise.sft.data import IGNORE, PackedRow
 
 
@@ -41,10 +42,9 @@ def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
-               softcap: float | None) -> torch.Tensor:
-    """hidden (n, H), targets (n,) -> (n,) fp32 negative log-likelihood."""
-    logits = head(hidden).float()
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
+    """hidden (n, H) (or logits (n, V) when head is None), targets (n,) -> (n,) fp32 negative log-likelihood."""
+    logits = (hidden if head is None else head(hidden)).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
@@ -55,13 +55,18 @@ def chunked_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     """hidden (N, H), targets (N,) -> (N,) fp32 NLL, the head applied ``chunk`` rows at a time."""
     if hidden.size(0) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    rows, chunk_head = hidden, head
+    if partitioned(head):
+        # ZeRO-3: each call of the head gathers it, and ranks hold different numbers of learnt
+        # tokens: the head runs once on all of them, the fp32 log-softmax in chunks
+        rows, chunk_head = head(hidden), None
     parts = []
     for i in range(0, hidden.size(0), chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        h, t = rows[i:i + chunk], targets[i:i + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_chunk_nll, h, t, head, softcap, use_reentrant=False))
+            parts.append(checkpoint(_chunk_nll, h, t, chunk_head, softcap, use_reentrant=False))
         else:
-            parts.append(_chunk_nll(h, t, head, softcap))
+            parts.append(_chunk_nll(h, t, chunk_head, softcap))
     return torch.cat(parts)
 
 

@@ -207,7 +207,7 @@ def choose_micro_batch(job: StageJob, per_process: int, total_steps: int) -> tup
             failed = True
         finally:
             if strategy is not None:
-                strategy.acc.free_memory()
+                strategy.release()
             del strategy
             gc.collect()
             if torch.cuda.is_available():

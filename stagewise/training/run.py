@@ -215,7 +215,7 @@ class StageRun:
     def stopped(self) -> StageResult:
         """The stage stopped early (checkpointed by ``end_step``); nothing is exported."""
         self._close()
-        self.strategy.acc.free_memory()
+        self.strategy.release()
         return StageResult(stopped=True, step=self.counters.step, steps=self.total_steps)
 
     def finish(self, tokenizer) -> StageResult:
@@ -227,7 +227,7 @@ class StageRun:
         out = job.out_dir / "model"
         export_model(self.strategy, tokenizer, out, init_path=job.init_path, model_cfg=self.cfg.model,
                      extra={"stage": job.index, "steps": self.total_steps, "kind": self.kind})
-        self.strategy.acc.free_memory()
+        self.strategy.release()
         return StageResult(stopped=False, step=self.counters.step, steps=self.total_steps, model=str(out))
 
     def _close(self) -> float:

@@ -108,3 +108,30 @@ def test_shared_prompt_path_matches_plain_forward_and_gradients(tiny):
     assert torch.equal(lp.detach() * (1 - c_mask), torch.zeros_like(lp))  # padding: never computed
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def counting_head(partitioned: bool):
+    """A head that counts its calls; ``partitioned`` marks its weight as ZeRO-3 does (ds_id)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    if partitioned:
+        head.weight.ds_id = 0
+    head.calls = 0
+    head.register_forward_hook(lambda m, i, o: setattr(m, "calls", m.calls + 1))
+    return head
+
+
+def test_a_zero3_partitioned_head_is_called_once_whatever_the_number_of_chunks():
+    """Under ZeRO-3 every call of the head is a collective; ranks hold different numbers of tokens,
+    so a call per chunk would make them call it a different number of times (a hang)."""
+    hidden = torch.randn(10, 6, requires_grad=True)
+    ids = torch.randint(0, 11, (10,))
+    results = {}
+    for part in (False, True):
+        head = counting_head(part)
+        logp, entropy = token_logprobs(hidden, ids, head, with_entropy=True, chunk=3)
+        (grad,) = torch.autograd.grad(logp.sum(), hidden)
+        results[part] = (logp.detach(), entropy, grad, head.calls)
+    assert results[True][3] == 1 and results[False][3] == 4 + 4  # 4 chunks, recomputed in backward
+    for a, b in zip(results[False][:3], results[True][:3]):
+        torch.testing.assert_close(a, b)

@@ -75,3 +75,20 @@ def test_chunked_nll_equals_full_cross_entropy(model_and_examples):
     h.grad, head.weight.grad = None, None
     torch.nn.functional.cross_entropy(head(h), t, reduction="sum").backward()
     assert torch.allclose(g_chunk, h.grad, atol=1e-6) and torch.allclose(gw_chunk, head.weight.grad, atol=1e-6)
+
+
+def test_a_zero3_partitioned_head_is_called_once_in_the_chunked_nll():
+    from stagewise.sft.loss import chunked_nll
+    from tests.rl.test_logprobs import counting_head
+
+    hidden = torch.randn(10, 6, requires_grad=True)
+    targets = torch.randint(0, 11, (10,))
+    results = {}
+    for part in (False, True):
+        head = counting_head(part)
+        nll = chunked_nll(hidden, head, targets, chunk=3)
+        (grad,) = torch.autograd.grad(nll.sum(), hidden)
+        results[part] = (nll.detach(), grad, head.calls)
+    assert results[True][2] == 1 and results[False][2] == 8
+    torch.testing.assert_close(results[False][0], results[True][0])
+    torch.testing.assert_close(results[False][1], results[True][1])
