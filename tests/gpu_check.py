@@ -350,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
               f"On a GPU machine run it with that machine's CUDA torch: python -m tests.gpu_check",
               file=sys.stderr)
         return 2
+    # what stagewise needs to run at all (matplotlib for the report, tensorboard for logging)
+    missing = [m for m in ("pydantic", "yaml", "rich", "safetensors", "tokenizers", "transformers", "accelerate",
+                           "peft", "matplotlib", "tensorboard") if not has(m)]
+    if missing:
+        print(f"gpu-check: stagewise cannot run here, missing: {', '.join(missing)}; carry their wheels "
+              f"(pip download --no-deps ...) and pip install them; nothing was run", file=sys.stderr)
+        return 1
     gpus = torch.cuda.device_count()
     versions = {m: getattr(__import__(m), "__version__", "?") for m in ("torch", "transformers", "accelerate")
                 if has(m)}
