@@ -38,9 +38,9 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs tests
 
-# the GPU acceptance check (tests/gpu_check.py), with the GPU machine's own Python and CUDA torch:
-# no venv, no install, nothing downloaded; refuses (exit 2) where no GPU is visible
-GPU_PYTHON ?= python3
+# the GPU acceptance check (tests/gpu_check.py), with the GPU machine's own Python and CUDA torch
+# (the venv's where there is one): no install, nothing downloaded; refuses (exit 2) where no GPU is visible
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	$(GPU_PYTHON) -m tests.gpu_check
 

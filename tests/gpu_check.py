@@ -340,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated check names")
     p.add_argument("--cpu", action="store_true", help="run the checks on CPU (gloo), to test this script itself")
     args = p.parse_args(argv)
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print(f"gpu-check: this Python ({sys.executable}) has no torch; run it with the GPU machine's Python "
+              f"and its CUDA torch: make gpu-check GPU_PYTHON=/path/to/python", file=sys.stderr)
+        return 2
 
     if args.cpu:
         return run_checks(args.only, gpus=2, device="cpu")
