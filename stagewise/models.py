@@ -195,9 +195,3 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
                                                lora_dropout=cfg.lora.dropout,
                                                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     return model
-
-
-def partitioned(module: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 holds the module's weights partitioned: every call of it then gathers them (a
-    collective), so every rank must call it the same number of times."""
-    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))

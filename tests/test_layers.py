@@ -23,7 +23,7 @@ LAYERS = {
     "stagewise": 0, "errors": 0, "seeds": 0, "faults": 0,
     "registry": 1, "config": 1,
     "tracking": 2,
-    "models": 3, "optim": 3, "parallel": 3,
+    "models": 3, "optim": 3, "parallel": 3, "lm_head": 3,
     "checkpoint": 4,
     "data": 5, "generation": 5,
     "envs": 6, "rewards": 6,

@@ -6,8 +6,9 @@ batch never exist.
 
 Shapes: B rows of T tokens; N learnt positions in the batch (targets != IGNORE); H hidden; V vocab.
 The transformer body runs on the whole (B, T) batch; the head and the log-softmax run on N rows
-only, ``chunk`` at a time, each chunk under activation checkpointing (its logits are recomputed in
-backward instead of kept): peak extra memory is one (chunk, V) fp32 block. Packed rows need no
+only, ``chunk`` at a time (``lm_head.token_logprobs``), each chunk, when there are several, under
+activation checkpointing (its logits are recomputed in backward instead of kept): peak extra memory
+is one (chunk, V) fp32 block. Packed rows need no
 attention mask: positions restart at 0 for every example and transformers then builds a
 block-diagonal causal mask (dense under the default sdpa kernel; a variable-length kernel with
 ``model.attn_implementation: flash_attention_2``).
@@ -16,9 +17,8 @@ block-diagonal causal mask (dense under the default sdpa kernel; a variable-leng
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from stagewise.models import partitioned
+from stagewise.lm_head import token_logprobs
 from stagewise.sft.data import IGNORE, PackedRow
 
 
@@ -42,32 +42,13 @@ def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
-    """hidden (n, H) (or logits (n, V) when head is None), targets (n,) -> (n,) fp32 negative log-likelihood."""
-    logits = (hidden if head is None else head(hidden)).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
-
-
 def chunked_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024,
                 softcap: float | None = None) -> torch.Tensor:
-    """hidden (N, H), targets (N,) -> (N,) fp32 NLL, the head applied ``chunk`` rows at a time."""
+    """hidden (N, H), targets (N,) -> (N,) fp32 NLL, the head applied ``chunk`` rows at a time
+    (lm_head.token_logprobs)."""
     if hidden.size(0) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    rows, chunk_head = hidden, head
-    if partitioned(head):
-        # ZeRO-3: each call of the head gathers it, and ranks hold different numbers of learnt
-        # tokens: the head runs once on all of them, the fp32 log-softmax in chunks
-        rows, chunk_head = head(hidden), None
-    parts = []
-    for i in range(0, hidden.size(0), chunk):
-        h, t = rows[i:i + chunk], targets[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_chunk_nll, h, t, chunk_head, softcap, use_reentrant=False))
-        else:
-            parts.append(_chunk_nll(h, t, chunk_head, softcap))
-    return torch.cat(parts)
+    return -token_logprobs(hidden, targets, head, softcap=softcap, chunk=chunk)[0]
 
 
 class SFTLoss(torch.nn.Module):

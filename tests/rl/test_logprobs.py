@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stagewise.rl.logprobs import completion_logprobs, token_logprobs
+from stagewise.lm_head import token_logprobs
+from stagewise.rl.logprobs import completion_logprobs
 from tests.helpers import encode_prompts
 
 
@@ -52,7 +53,7 @@ def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(
     near: at most one ~256 MB (chunk, V) fp32 block."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stagewise.rl.logprobs import chunk_tokens
+    from stagewise.lm_head import chunk_tokens
 
     torch.manual_seed(0)
     V, C = 32_000, 2_048
@@ -112,8 +113,17 @@ def test_shared_prompt_path_matches_plain_forward_and_gradients(tiny):
 
 def counting_head(partitioned: bool):
     """A head that counts its calls; ``partitioned`` marks its weight as ZeRO-3 does (ds_id)."""
+    class Head(torch.nn.Module):  # a matmul, not F.linear: DeepSpeed, once a ZeRO-3 run has patched
+        def __init__(self):       # F.linear in this process, treats a ds_id parameter as its own
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(11, 6))
+            self.out_features = 11
+
+        def forward(self, x):
+            return x @ self.weight.T
+
     torch.manual_seed(0)
-    head = torch.nn.Linear(6, 11, bias=False)
+    head = Head()
     if partitioned:
         head.weight.ds_id = 0
     head.calls = 0
