@@ -3,7 +3,7 @@ It is the only module that registers built-ins (``continual/preflight.py`` impor
 name is checked); a plugin registers its own with ``stagewise.registry.register``.
 
     kind             config key that names one                       where the built-ins are defined
-    stage            stages[i].kind                                  rl/grpo.py, sft/sft.py
+    stage            stages[i].kind                                  rl/grpo.py, rl/rft.py, sft/sft.py
     advantage        grpo.advantage                                  rl/advantages.py
     loss             grpo.loss                                       rl/losses.py
     reward           domains[i].rewards[j].name, args.reward         rewards.py
@@ -22,7 +22,7 @@ from stagewise.envs import users
 from stagewise.generation.engines import LocalEngine
 from stagewise.generation.vllm_engine import VLLMRollouts
 from stagewise.registry import register
-from stagewise.rl import advantages, grpo, losses
+from stagewise.rl import advantages, grpo, losses, rft
 from stagewise.sft import sft
 from stagewise.training.stage import StageKind
 
@@ -30,6 +30,7 @@ BUILTINS: dict[str, dict[str, object]] = {
     "stage": {
         "grpo": StageKind(train=grpo.train_grpo_stage, check=grpo.check_grpo_stage),
         "sft": StageKind(train=sft.train_sft_stage, check=sft.check_sft_stage, needs_reward=False),
+        "rft": StageKind(train=rft.train_rft_stage, check=rft.check_rft_stage, check_domains=rft.check_rft_domains),
     },
     "advantage": {"grpo": advantages.grpo_advantages, "dr_grpo": advantages.dr_grpo_advantages,
                   "batch_std": advantages.batch_std_advantages},

@@ -6,6 +6,7 @@
     stagewise launch --strategy S --num-processes N [...] CONFIG [key=value ...]
     stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
     stagewise report OUTPUT_DIR
+    stagewise demos CONFIG --domain NAME --agent oracle|model|endpoint --out FILE.jsonl   # SFT demonstrations
 
 A user error (bad config, missing file) prints one line ``error: ...`` and exits with status 2; a
 run that had to stop (repeated non-finite steps, a lost peer process) prints one line and exits 1.
@@ -52,6 +53,33 @@ def _continual(args) -> int:
             overrides += [f"stages.{i}.tasks_per_domain={args.tasks_per_domain}", f"stages.{i}.steps=null"]
     cfg = load_config(THREE_DOMAINS, overrides, args.ablation)
     run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
+    return 0
+
+
+def _demos(args) -> int:
+    from stagewise.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from stagewise.continual.preflight import check_config
+    from stagewise.demos import write_demos
+    from stagewise.domains.base import build_domain
+    from stagewise.errors import ConfigError
+
+    check_config(cfg, 1)
+    specs = [(i, s) for i, s in enumerate(cfg.domains) if s.name == args.domain]
+    if not specs:  # only this domain is built: another may read the file being written
+        raise ConfigError(f"--domain {args.domain}: the config has no such domain "
+                          f"(has {', '.join(s.name for s in cfg.domains)})")
+    i, spec = specs[0]
+    domain = build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}")
+    stats = write_demos(cfg, [domain], domain=args.domain, split=args.split, agent=args.agent, out=Path(args.out),
+                        model=args.model, url=args.url, trials=args.trials, temperature=args.temperature,
+                        min_reward=args.min_reward, limit=args.limit)
+    print(f"[stagewise] demos: kept {stats.kept} of {stats.episodes} episodes (mean reward {stats.mean_reward:.3f}) "
+          f"-> {args.out} in {stats.seconds:.0f} s")
+    if stats.token_mismatches:
+        print(f"[stagewise] demos: {stats.token_mismatches} record(s) render to other tokens than their episode "
+              f"sampled (the agent wrote a non-canonical tokenisation); SFT learns the canonical one")
     return 0
 
 
@@ -170,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
     rep.add_argument("output_dir")
     rep.set_defaults(fn=_report)
+
+    de = sub.add_parser("demos", help="write successful episodes of a domain as chat SFT records (demonstrations)")
+    de.add_argument("config")
+    de.add_argument("--domain", required=True, help="a domain name of the config")
+    de.add_argument("--split", choices=["train", "eval"], default="train")
+    de.add_argument("--agent", choices=["oracle", "model", "endpoint"], default="oracle")
+    de.add_argument("--model", help="model: a local model (default: the config's); endpoint: the server's model name")
+    de.add_argument("--url", help="endpoint: an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    de.add_argument("--trials", type=_at_least(1), default=1, help="episodes per task (1: greedy; more: sampled)")
+    de.add_argument("--temperature", type=float, default=1.0, help="with --trials > 1")
+    de.add_argument("--min-reward", type=float, default=None,
+                    help="keep episodes whose reward reaches this (default: those whose metric passes)")
+    de.add_argument("--limit", type=_at_least(1), default=None, help="the first N tasks of the split")
+    de.add_argument("--out", required=True, help="the JSONL file to write")
+    de.add_argument("overrides", nargs="*", help="dotted overrides of the config")
+    de.set_defaults(fn=_demos)
 
     la = sub.add_parser("launch", help="launch a config on N processes / machines")
     la.add_argument("--strategy", required=True, choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"])

@@ -146,6 +146,15 @@ class SFTConfig(_Part):
     loss_chunk: int = Field(1024, gt=0)  # learnt positions per cross-entropy chunk (memory vs speed)
 
 
+class RFTConfig(_Part):
+    # which sampled episodes are learnt: "pass" those whose domain metric reaches 1.0; "best" each
+    # group's highest-reward episode when its reward reaches min_reward
+    keep: Literal["pass", "best"] = "pass"
+    min_reward: float = 0.5  # with keep: best
+    micro_batch_size: int = Field(8, gt=0)  # episodes per forward/backward, per process
+    shared_prompt: bool = True  # a group's shared prompt once per micro-batch (micro_batch_size % G == 0)
+
+
 class DataConfig(_Part):
     # a malformed record in a data file: stop with file:row (raise), or skip it and count it (skip)
     on_error: Literal["raise", "skip"] = "raise"
@@ -201,16 +210,17 @@ class DomainSpec(_Part):
 
 class StageConfig(_Part):
     name: str | None = None
-    kind: str = "grpo"  # stage kind, from the registry: grpo | sft
+    kind: str = "grpo"  # stage kind, from the registry: grpo | rft | sft
     domains: list[str] = Field(min_length=1)
     steps: int | None = Field(None, gt=0)
-    tasks_per_domain: int | None = Field(None, gt=0)  # grpo: -> steps = ceil(n * |domains| / prompts)
+    tasks_per_domain: int | None = Field(None, gt=0)  # grpo, rft: -> steps = ceil(n * |domains| / prompts)
     epochs: float | None = Field(None, gt=0)  # sft: passes over the stage's training data
     replay: float = Field(0.0, ge=0, lt=1)  # fraction of each batch from earlier stages' domains
     # Per-stage partial overrides of the run-level parts, validated against the merged result.
     optim: dict[str, Any] = {}
     rollout: dict[str, Any] = {}
     grpo: dict[str, Any] = {}
+    rft: dict[str, Any] = {}
     sft: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -258,6 +268,7 @@ class RunConfig(_Part):
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
+    rft: RFTConfig = RFTConfig()
     sft: SFTConfig = SFTConfig()
     optim: OptimConfig = OptimConfig()
     dist: DistConfig = DistConfig()
@@ -282,7 +293,7 @@ class RunConfig(_Part):
             for d in st.domains:
                 if d not in names:
                     raise ValueError(f"stages.{i}.domains: unknown domain {d!r} (have {names})")
-            for part in ("optim", "rollout", "grpo", "sft"):
+            for part in ("optim", "rollout", "grpo", "rft", "sft"):
                 merged = {**getattr(self, part).model_dump(), **getattr(st, part)}
                 try:
                     type(getattr(self, part)).model_validate(merged)

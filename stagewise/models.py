@@ -170,6 +170,28 @@ def replicated_init():
         hfds._hf_deepspeed_config_weak_ref = saved
 
 
+@contextmanager
+def partitioned_init(deepspeed_config: dict | None):
+    """Create models in this block partitioned over the ranks as they are built, when given a ZeRO-3
+    DeepSpeed config: transformers' from_pretrained then runs under DeepSpeed's ``zero.Init`` and loads
+    the checkpoint into the partitions, so no process ever holds a whole fp32 copy (16 GB for a 4B
+    model, in every process at once while loading). With None, a plain model (``replicated_init``)."""
+    if deepspeed_config is None:
+        with replicated_init():
+            yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hfds
+
+    saved = getattr(hfds, "_hf_deepspeed_config_weak_ref", None)
+    config = HfDeepSpeedConfig(deepspeed_config)  # registers itself (a weak reference): keep it alive
+    try:
+        yield
+    finally:
+        del config
+        hfds._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 

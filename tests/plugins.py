@@ -42,6 +42,16 @@ def ascii_chat(spec: DomainSpec, seed: int) -> Domain:
                   metric=None, environment=AsciiChat, reward_parts=AsciiChat.reward_parts)
 
 
+@register("domain", "say_seven")
+def say_seven(spec: DomainSpec, seed: int) -> Domain:
+    """Single-turn prompts whose accuracy is an answer of 7s only (greedy): what a tiny random model
+    reaches once the sevens reward has been learnt."""
+    train, held = split_items(list(range(1, 40)), spec.eval_size, spec.train_size, seed, spec.name)
+    task = lambda i: {"prompt": f"Say seven {i} times."}  # noqa: E731
+    return Domain(spec.name, [task(i) for i in train], [task(i) for i in held], rewards=[("sevens", 1.0)],
+                  metric="sevens")
+
+
 class ShortTurnsGenerator(LocalGenerator):
     """Our sampler, but a turn that reaches max_new_tokens is closed with the stop token (as if the
     policy had ended it): a random tiny model then has real multi-turn episodes."""
@@ -97,7 +107,7 @@ def train_probe_stage(job):
     """A stage kind that only measures: each step scores its rows (each rank its share) with the
     stage's weights. It writes no scaffolding of its own, yet checkpoints, resumes and stops as the
     others do."""
-    run = StageRun(job, PolicyLogprobs(load_model(job.init_path, job.cfg.model)), micro_batch=1, accumulation=1,
+    run = StageRun(job, lambda: PolicyLogprobs(load_model(job.init_path, job.cfg.model)), micro_batch=1, accumulation=1,
                    total_steps=job.cfg.stage_steps(job.index))
     lm = run.strategy.lm
     while not run.finished:

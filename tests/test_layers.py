@@ -31,6 +31,7 @@ LAYERS = {
     "training": 8,
     "rl": 9, "sft": 9,
     "evaluation": 10,
+    "demos": 10,
     "builtins": 11,
     "continual": 12, "report": 12,
     "sweep": 13,

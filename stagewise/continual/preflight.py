@@ -95,9 +95,12 @@ def build_domains(cfg: RunConfig) -> list[Domain]:
             if stage.kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
                 raise ConfigError(f"stages.{i}: domain {name!r} is an environment; an sft stage needs reference "
                                   f"conversations (tasks with 'messages'), so train it with a grpo stage")
-        if lookup("stage", stage.kind).needs_reward:
+        kind = lookup("stage", stage.kind)
+        if kind.needs_reward:
             for name in stage.domains:
                 if not by_name[name].rewards:
                     raise ConfigError(f"stages.{i}: domain {name!r} defines no reward, and a {stage.kind} stage learns "
                                       f"from one (set domains[].rewards or args.reward)")
+        if kind.check_domains is not None:
+            kind.check_domains(cfg, i, by_name)
     return domains

@@ -5,8 +5,10 @@ what the ``jsonl`` and ``chat`` domains and SFT data read.
     conv = to_conversation(record, where, RecordFormat())                  # [{"role", "content"}, ...]
 
 Record formats (one per file, detected per row):
-    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
                                                                      every assistant turn is learnt
+    the same with "tools" (schemas) and "context_turns": an episode record (``stagewise demos``),
+                                                                     the turns after the first context_turns
     {"prompt": str | messages, "completion": str}                    (also "answer" instead of "completion")
     any fields + a ``prompt_template`` such as "Profile: {profile}\\nQuery: {query}" and a
     ``response_field`` ("response"): the template is the user turn, the field the assistant's answer.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from stagewise.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)

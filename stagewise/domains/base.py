@@ -31,6 +31,7 @@ class Domain:
     # a multi-turn domain: task dict -> Environment (stagewise.envs); its reward() parts are the rewards
     environment: Callable | None = None
     reward_parts: tuple[str, ...] = ()  # with environment: the part names reward() returns
+    oracle: Callable | None = None  # example -> the turns of an agent that solves it (demonstrations)
 
     def __post_init__(self):
         named = [n for n, _ in self.rewards] + ([self.metric] if self.metric else [])
@@ -53,6 +54,15 @@ class Domain:
         prompt = example["prompt"]
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return msgs + [{"role": "assistant", "content": str(example["answer"])}]
+
+    def oracle_turns(self, example: dict) -> list[str] | None:
+        """The turns of an agent that solves the example: the domain's oracle, else a single-turn
+        example's reference answer; None when the domain knows no solution."""
+        if self.oracle is not None:
+            return self.oracle(example)
+        if self.environment is None and "answer" in example:
+            return [str(example["answer"])]
+        return None
 
     def make_env(self, example: dict):
         """The episode's environment: the domain's own, or a single-turn TextTask scored by reward_fns."""
@@ -111,5 +121,6 @@ def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise", where: st
                                       f"(known: {', '.join(known)})")
         rewards = [(r.name, r.weight) for r in spec.rewards]
         dom = Domain(dom.name, dom.train, dom.eval, rewards, dom.metric or (rewards[0][0] if rewards else None),
-                     skipped=dom.skipped, environment=dom.environment, reward_parts=dom.reward_parts)
+                     skipped=dom.skipped, environment=dom.environment, reward_parts=dom.reward_parts,
+                     oracle=dom.oracle)
     return dom

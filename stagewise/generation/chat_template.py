@@ -4,6 +4,7 @@
     text, spans = assistant_spans(tok, conversation)        # what SFT learns: each assistant turn
     renderer = ChatRenderer(tok)                            # episodes: openings and appended turns as ids
     stop_ids = eos_ids(tok)
+    end = turn_end_id(tok)                                  # the token an assistant turn ends with
 
 A tokenizer without a chat template renders every message's content on its own line. Rendering
 must be prefix-preserving (rendering more turns only appends text) wherever turns are cut out of a
@@ -40,6 +41,20 @@ def eos_ids(tokenizer) -> list[int]:
         if tid is not None:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template ends an assistant turn with: what a policy stops at (SmolLM2's
+    and Qwen's ``<|im_end|>``); the EOS token for a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        probe = "Zq9xv"
+        text = render(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": probe}],
+                      add_generation_prompt=False)
+        stops = set(eos_ids(tokenizer))
+        for i in tokenizer(text[text.rfind(probe) + len(probe):], add_special_tokens=False)["input_ids"]:
+            if i in stops:
+                return i
+    return tokenizer.eos_token_id
 
 
 def assistant_spans(tokenizer, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:

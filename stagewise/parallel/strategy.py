@@ -10,7 +10,7 @@ load (sharded) state.
             strategy.backward(loss, last=k == len(micro_batches) - 1)
     info = strategy.step()        # StepInfo(grad_norm=0.7, skipped=False, bad=False)
     weights = strategy.full_state_dict()                # collective; fp32 master weights on rank 0
-    reference = strategy.frozen(ref_model)              # held as the strategy holds weights (ZeRO-3: partitioned)
+    reference = strategy.frozen(PolicyLogprobs(ref))   # forward only, held as the weights are (ZeRO-3 / FSDP: 1/N)
     strategy.release()                                  # at the stage's end
 
 It is also the weight source of a stage's rollout engine (generation/engines.py): ``lm``,
@@ -62,6 +62,7 @@ class TrainStrategy:
     _bad_any: bool = False  # ... on any rank (decided at the last micro-batch)
     _ds_skipped: int = 0
     _frozen_engines: list = field(default_factory=list, repr=False)  # DeepSpeed engines of frozen()
+    partitioned_at_load: bool = False  # the module was created partitioned (ZeRO-3 zero.Init), never whole
 
     @classmethod
     def create(cls, acc, strategy: str, module: torch.nn.Module, make_optimizer: Callable, make_scheduler: Callable,
@@ -256,19 +257,25 @@ class TrainStrategy:
             self._frozen_engines.pop().destroy()
         self.acc.free_memory()
 
-    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A model for forward passes only (the KL reference), held as this strategy holds weights:
-        under ZeRO-3 partitioned over the ranks by an optimizer-less DeepSpeed engine (as TRL
-        prepares its reference), so it costs 1/N of a copy per GPU and each forward is a collective;
-        otherwise a whole copy on this device. Returns the HF model (the engine's module)."""
+    def frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A module for forward passes only (the KL reference: a wrapper whose ``.lm`` is the HF
+        model, called as a whole), held as this strategy holds weights: under ZeRO-3 partitioned over
+        the ranks by an optimizer-less DeepSpeed engine (as TRL prepares its reference), under FSDP
+        sharded by fully_shard like the trained model, so it costs 1/N of a copy per GPU and each
+        forward is a collective; otherwise a whole copy on this device. Returns the module to call."""
+        module.requires_grad_(False)
+        if self.name == "fsdp":
+            # its dtype is the one it was loaded in (bf16 under bf16 compute): no cast policy
+            return fsdp.shard_model(module, device=self.device, world=self.acc.num_processes,
+                                    mixed_precision="no").eval()
         if self.name != "zero3":
-            return model.to(self.device).eval()
+            return module.to(self.device).eval()
         import deepspeed
 
         config = copy.deepcopy(self.acc.state.deepspeed_plugin.deepspeed_config)
         for key in ("optimizer", "scheduler"):
             config.pop(key, None)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = deepspeed.initialize(model=module, config=config)
         engine.eval()
         self._frozen_engines.append(engine)  # kept alive (and destroyed) with the strategy
         return engine.module

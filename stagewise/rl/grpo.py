@@ -37,7 +37,7 @@ from stagewise.parallel.collectives import gather_rows, reduce_sum
 from stagewise.registry import lookup
 from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.episodes import EpisodeLimits
-from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
+from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.losses import engine_mismatch, masked_sum, per_token_loss
 from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, generate_rollouts
 from stagewise.seeds import completion_seeds, prompt_rng
@@ -60,7 +60,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
     micro = grpo_cfg.micro_batch_size
     accumulation = rows_local // micro
 
-    run = StageRun(job, PolicyLogprobs(load_model(job.init_path, cfg.model)), micro_batch=micro,
+    run = StageRun(job, lambda: PolicyLogprobs(load_model(job.init_path, cfg.model)), micro_batch=micro,
                    accumulation=accumulation, total_steps=total_steps,
                    optimizer_steps=total_steps * grpo_cfg.num_iterations)
     advantage_fn, aggregate = lookup("advantage", grpo_cfg.advantage), lookup("loss", grpo_cfg.loss)
@@ -186,17 +186,17 @@ def policy_inputs(mb: RolloutBatch, temperature: float) -> tuple:
 
 
 def load_reference(job: StageJob, run: StageRun):
-    """The KL term's reference model (bf16 under bf16 compute, frozen; a whole copy on every rank,
-    partitioned over them under ZeRO-3), or None: when beta is 0, and under LoRA when the reference
-    is the stage's starting weights (the model with its adapters switched off is exactly that:
-    stage 1, or reference: previous_stage)."""
+    """The KL term's reference model (bf16 under bf16 compute, frozen, wrapped as the policy is; a
+    whole copy on every rank, partitioned over them under ZeRO-3 and FSDP), or None: when beta is 0,
+    and under LoRA when the reference is the stage's starting weights (the model with its adapters
+    switched off is exactly that: stage 1, or reference: previous_stage)."""
     cfg, grpo_cfg = job.cfg, job.part("grpo")
     if grpo_cfg.beta == 0 or (run.strategy.is_lora and job.ref_path == job.init_path):
         return None
     with replicated_init():
         ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
                          dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32)
-    ref = run.strategy.frozen(ref)
+    ref = run.strategy.frozen(PolicyLogprobs(ref))
     fractions = gather_rows(torch.tensor([run.strategy.param_fraction(ref)], device=run.device)).cpu().tolist()
     job.tracker.log({"stage": job.index + 1, "reference_param_fraction_per_rank": fractions},
                     step=job.global_step_offset)
@@ -225,7 +225,7 @@ def add_fixed_logprobs(batch: RolloutBatch, run: StageRun, reference, grpo_cfg, 
         batch.old_logp = fixed_logprobs(policy, batch, micro)
     if reference is not None:
         batch.ref_logp = fixed_logprobs(
-            lambda mb: completion_logprobs(reference, *policy_inputs(mb, temperature), group_size=shared), batch, micro)
+            lambda mb: reference(*policy_inputs(mb, temperature), group_size=shared), batch, micro)
     elif grpo_cfg.beta > 0:  # LoRA: the reference is the model with its adapters switched off
         with run.strategy.lm.disable_adapter():
             batch.ref_logp = fixed_logprobs(policy, batch, micro)

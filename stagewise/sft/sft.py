@@ -32,13 +32,12 @@ import torch
 from stagewise import faults
 from stagewise.checkpoint import MANIFEST
 from stagewise.config import RunConfig
-from stagewise.domains.base import Domain
 from stagewise.errors import ConfigError, TrainingError
 from stagewise.models import load_model
 from stagewise.parallel import runtime
 from stagewise.parallel.collectives import device, reduce_sum
 from stagewise.seeds import epoch_rng, replay_rng
-from stagewise.sft.data import PackedRow, pack, tokenize_conversation
+from stagewise.sft.data import PackedRow, pack, tokenize_example
 from stagewise.sft.loss import SFTLoss, collate
 from stagewise.tracking import print0
 from stagewise.training.run import StageRun, build_strategy, resume_checkpoint
@@ -62,7 +61,7 @@ def train_sft_stage(job: StageJob) -> StageResult:
     checkpoint = resume_checkpoint(job)
     micro, too_big = micro_batch_size(job, per_process, total_steps, checkpoint)
     accumulation = per_process // micro
-    run = StageRun(job, SFTLoss(load_model(job.init_path, cfg.model), sft_cfg.loss_chunk), micro_batch=micro,
+    run = StageRun(job, lambda: SFTLoss(load_model(job.init_path, cfg.model), sft_cfg.loss_chunk), micro_batch=micro,
                    accumulation=accumulation, total_steps=total_steps, checkpoint=checkpoint,
                    describe=f"{counts['examples']} examples -> {rows_per_epoch} rows of <= {sft_cfg.max_seq_len} "
                             f"tokens per epoch, {total_steps} steps",
@@ -146,7 +145,7 @@ def training_examples(job: StageJob, tok, max_len: int) -> tuple[list, dict]:
     chosen = own + [replay_pool[rng.randrange(len(replay_pool))] for _ in range(n_replay)]
     examples, too_long = [], 0
     for _, ex in chosen:
-        t = tokenize_conversation(tok, Domain.conversation(ex), max_len)
+        t = tokenize_example(tok, ex, max_len)
         if t is None:
             too_long += 1
         else:
@@ -190,7 +189,8 @@ def choose_micro_batch(job: StageJob, per_process: int, total_steps: int) -> tup
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
         strategy, failed = None, False
         try:
-            strategy = build_strategy(job, SFTLoss(load_model(job.init_path, job.cfg.model), sft_cfg.loss_chunk),
+            strategy = build_strategy(job, lambda: SFTLoss(load_model(job.init_path, job.cfg.model),
+                                                           sft_cfg.loss_chunk),
                                       micro_batch=micro, accumulation=1, optimizer_steps=total_steps)
             faults.maybe_oom(stage=job.index + 1, micro=micro, rank=strategy.acc.process_index)
             vocab = strategy.lm.config.vocab_size

@@ -2,7 +2,7 @@
 hold identically on every rank (the loss scaling, the bad-step rule, the agreed stop) have one
 implementation. A stage kind writes only its step:
 
-    run = StageRun(job, PolicyLogprobs(model), micro_batch=8, accumulation=2, total_steps=24)
+    run = StageRun(job, lambda: PolicyLogprobs(load_model(...)), micro_batch=8, accumulation=2, total_steps=24)
     while not run.finished:
         run.begin_step()                                   # fault hooks, timers
         for k, mb in enumerate(micro_batches):             # the same number on every rank
@@ -14,8 +14,10 @@ implementation. A stage kind writes only its step:
             return run.stopped()                           # --stop-after / a signal: checkpointed
     return run.finish(job.tokenizer)                       # export the stage's model
 
-``StageRun`` builds the stage's Accelerator and strategy (``TrainStrategy``: single, DDP, ZeRO, FSDP)
-with a fresh AdamW and schedule, resumes from the stage's newest verified checkpoint when asked,
+``StageRun`` builds the stage's Accelerator, then the module (so that under ZeRO-3 transformers
+creates it already partitioned: DeepSpeed's ``zero.Init``, no whole copy per process even while
+loading), then the strategy (``TrainStrategy``: single, DDP, ZeRO, FSDP) with a fresh AdamW and
+schedule, resumes from the stage's newest verified checkpoint when asked,
 logs what each rank holds, and per step: scales every micro-batch loss by processes x accumulation
 (accelerate divides by the accumulation and DDP / ZeRO / FSDP average over processes, so the summed
 gradient is exactly that of the global objective), injects the test faults, skips bad steps on every
@@ -27,6 +29,7 @@ stop requested by a signal on any rank or by ``--stop-after``, checkpoints every
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -35,7 +38,7 @@ import torch
 from stagewise import faults
 from stagewise.checkpoint import agreed_checkpoint, export_model, load_checkpoint, save_checkpoint
 from stagewise.errors import TrainingError
-from stagewise.models import load_model_config
+from stagewise.models import load_model_config, partitioned_init
 from stagewise.optim import make_adamw, make_scheduler
 from stagewise.parallel import runtime
 from stagewise.parallel.collectives import gather_rows
@@ -45,21 +48,30 @@ from stagewise.tracking import PeakMemory, StepProgress, print0
 from stagewise.training.stage import StageJob, StageResult
 
 
-def build_strategy(job: StageJob, module: torch.nn.Module, *, micro_batch: int, accumulation: int,
-                   optimizer_steps: int) -> TrainStrategy:
-    """The stage's Accelerator (its DeepSpeed JSON written to the run and stage directories) and the
-    strategy wrapping ``module``, with a fresh AdamW and an lr schedule over ``optimizer_steps``."""
+def build_strategy(job: StageJob, build_module: Callable[[], torch.nn.Module], *, micro_batch: int,
+                   accumulation: int, optimizer_steps: int) -> TrainStrategy:
+    """The stage's Accelerator (its DeepSpeed JSON written to the run and stage directories), then
+    ``build_module()`` (under ZeRO-3 inside DeepSpeed's ``zero.Init``: each parameter partitioned as it
+    is created, and the checkpoint loaded into the partitions), and the strategy wrapping it, with a
+    fresh AdamW and an lr schedule over ``optimizer_steps``."""
     cfg, optim_cfg = job.cfg, job.part("optim")
     hidden = getattr(load_model_config(job.init_path, cfg.model.trust_remote_code), "hidden_size", 1024)
     acc = runtime.build_accelerator(cfg.dist, grad_accum=accumulation, micro_batch=micro_batch,
                                     max_grad_norm=optim_cfg.max_grad_norm, hidden_size=hidden,
                                     output_dir=str(job.run_dir), stage_dir=str(job.out_dir))
+    zero3 = acc.state.deepspeed_plugin.deepspeed_config if cfg.dist.strategy == "zero3" else None
+    with partitioned_init(zero3):
+        module = build_module()
+    # LoRA's adapters are made after loading (small; DeepSpeed partitions them when it wraps the model)
+    partitioned_at_load = all(hasattr(p, "ds_id") for n, p in module.named_parameters() if "lora_" not in n)
     offloaded_from_gpu = runtime.optimizer_offloaded_from_gpu(cfg.dist)
-    return TrainStrategy.create(acc, cfg.dist.strategy, module,
-                                lambda params: make_adamw(params, optim_cfg, cfg.dist.strategy,
-                                                          offloaded_from_gpu=offloaded_from_gpu),
-                                lambda opt: make_scheduler(opt, optim_cfg, optimizer_steps),
-                                max_grad_norm=optim_cfg.max_grad_norm, mixed_precision=cfg.dist.mixed_precision)
+    strategy = TrainStrategy.create(acc, cfg.dist.strategy, module,
+                                    lambda params: make_adamw(params, optim_cfg, cfg.dist.strategy,
+                                                              offloaded_from_gpu=offloaded_from_gpu),
+                                    lambda opt: make_scheduler(opt, optim_cfg, optimizer_steps),
+                                    max_grad_norm=optim_cfg.max_grad_norm, mixed_precision=cfg.dist.mixed_precision)
+    strategy.partitioned_at_load = partitioned_at_load
+    return strategy
 
 
 def resume_checkpoint(job: StageJob) -> Path | None:
@@ -70,17 +82,18 @@ def resume_checkpoint(job: StageJob) -> Path | None:
 class StageRun:
     """One stage's training scaffold; see the module docstring."""
 
-    def __init__(self, job: StageJob, module: torch.nn.Module, *, micro_batch: int, accumulation: int,
-                 total_steps: int, optimizer_steps: int | None = None, describe: str = "",
+    def __init__(self, job: StageJob, build_module: Callable[[], torch.nn.Module], *, micro_batch: int,
+                 accumulation: int, total_steps: int, optimizer_steps: int | None = None, describe: str = "",
                  start_log: dict | None = None, checkpoint: Path | None | bool = True):
-        """optimizer_steps: over the stage (default: one per step); describe: appended to the start
-        line; start_log: logged once with what each rank holds; checkpoint: where to resume from
-        (True: the stage's newest, when the job resumes)."""
+        """build_module: makes the trained module (a wrapper whose ``.lm`` is the HF model), called
+        once the accelerator exists; optimizer_steps: over the stage (default: one per step);
+        describe: appended to the start line; start_log: logged once with what each rank holds;
+        checkpoint: where to resume from (True: the stage's newest, when the job resumes)."""
         self.job, self.cfg = job, job.cfg
         self.kind = job.stage.kind
         self.micro_batch, self.accumulation, self.total_steps = micro_batch, accumulation, total_steps
         self.optim_cfg = job.part("optim")
-        self.strategy = build_strategy(job, module, micro_batch=micro_batch, accumulation=accumulation,
+        self.strategy = build_strategy(job, build_module, micro_batch=micro_batch, accumulation=accumulation,
                                        optimizer_steps=optimizer_steps or total_steps)
         acc = self.strategy.acc
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
@@ -114,7 +127,8 @@ class StageRun:
         return self.counters.step >= self.total_steps
 
     def _log_start(self, extra: dict) -> None:
-        """Which fraction of the parameters each rank holds (1/N under ZeRO-3 / FSDP, 1 otherwise), the
+        """Which fraction of the parameters each rank holds (1/N under ZeRO-3 / FSDP, 1 otherwise) and
+        whether they were created so (ZeRO-3's zero.Init), the
         CUDA device each rank computes on (-1: CPU; each rank must have its own) and the dtype of the
         weights the optimizer updates (collective)."""
         strategy = self.strategy
@@ -126,7 +140,8 @@ class StageRun:
                               "accumulation": self.accumulation, **extra,
                               "param_fraction_per_rank": [row[0] for row in per_rank],
                               "cuda_device_per_rank": [int(row[1]) for row in per_rank],
-                              "params_total": total, "master_dtype": master}, step=self.job.global_step_offset)
+                              "params_total": total, "master_dtype": master,
+                              "partitioned_at_load": strategy.partitioned_at_load}, step=self.job.global_step_offset)
 
     # --- one step ----------------------------------------------------------------------------------
     def begin_step(self) -> int:

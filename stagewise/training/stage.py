@@ -75,3 +75,5 @@ class StageKind:
     train: Callable[[StageJob], StageResult]
     check: Callable[[RunConfig, int, int], None]
     needs_reward: bool = True  # every domain of the stage must define a reward (GRPO learns from it)
+    # (cfg, i, domains by name): what the kind needs of stage i's built domains; raises ConfigError
+    check_domains: Callable[[RunConfig, int, dict], None] | None = None

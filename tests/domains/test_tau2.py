@@ -16,6 +16,8 @@ import yaml
 
 from stagewise.config import DomainSpec
 from stagewise.domains.base import build_domain
+from stagewise.domains.tau2.oracle import call_text
+from stagewise.domains.tau2.oracle import oracle_turns as package_oracle_turns
 from stagewise.errors import ConfigError
 from stagewise.generation.engines import Generation, SamplingParams
 from stagewise.rl.episodes import EpisodeLimits, run_episodes
@@ -34,10 +36,6 @@ def tokenizer():
     return load_tokenizer(resolve_model_path(BUNDLED))
 
 
-def call_text(name: str, arguments: dict) -> str:
-    return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
-
-
 def without_last_write(name: str, actions: list) -> list | None:
     """The expected actions minus the last one that writes (None when none writes)."""
     from stagewise.domains.tau2 import data
@@ -48,24 +46,13 @@ def without_last_write(name: str, actions: list) -> list | None:
     return None if not writes else actions[:writes[-1]] + actions[writes[-1] + 1:]
 
 
-def oracle_turns(name: str, task, solo: bool, drop_last_write: bool = False) -> list[str]:
-    """The policy's turns that make the task's expected actions: its own as tool calls; the user's
-    (telecom, normal mode) as a request the scripted user carries out; then a closing message with
-    the information the task wants communicated (solo: the done tool). [] when there is nothing to drop."""
-    actions = list(task.evaluation_criteria.actions or [])
-    if drop_last_write:
-        actions = without_last_write(name, actions)
-        if actions is None:
-            return []
-    turns = []
-    for a in actions:
-        if a.requestor == "user" and not solo:
-            turns.append(f"Please do this on your phone: {a.name}.")
-        else:
-            turns.append(call_text(a.name, a.arguments))
-    info = task.evaluation_criteria.communicate_info or []
-    turns.append(call_text("done", {}) if solo else "Thank you. " + " ".join(info))
-    return turns
+def oracle_turns(ctx, name: str, task, solo: bool, drop_last_write: bool = False) -> list[str]:
+    """The package's oracle agent (stagewise/domains/tau2/oracle.py), or the same turns without the
+    last write action ([] when there is nothing to drop)."""
+    if not drop_last_write:
+        return package_oracle_turns(ctx, task.id)
+    actions = without_last_write(name, list(task.evaluation_criteria.actions or []))
+    return [] if actions is None else package_oracle_turns(ctx, task.id, actions=actions)
 
 
 class OracleEngine:
@@ -108,7 +95,7 @@ def run_oracle(tokenizer, name: str, solo: bool, drop_last_write=False, limit=No
     marks = markers(dom, examples)
     eps, batch, scripts = [], [], {}
     for t in tasks + [None]:
-        turns = oracle_turns(name, ctx.tasks[t["id"]], solo, drop_last_write) if t is not None else None
+        turns = oracle_turns(ctx, name, ctx.tasks[t["id"]], solo, drop_last_write) if t is not None else None
         if t is None or marks[t["id"]] in scripts:  # markers must be unique within one batch of episodes
             engine = OracleEngine(tokenizer, scripts, opening_turns=0 if solo else 1)
             eps += run_episodes(engine, tokenizer, batch, group_size=1, seeds=None, params=PARAMS, limits=LIMITS)

@@ -178,6 +178,8 @@ def test_grpo_advantages_across_processes_equal_single_process(fp32_runs):
 def test_sharding(fp32_runs, strategy, fraction):
     fr = first(fp32_runs / strategy, "param_fraction_per_rank")
     assert len(fr) == 2 and all(abs(f - fraction) < 0.1 for f in fr), fr
+    # ZeRO-3 creates the model partitioned (zero.Init): no process ever loads a whole copy
+    assert first(fp32_runs / strategy, "partitioned_at_load") is (strategy == "zero3")
     # the exported model is the full model, loadable by plain transformers
     from transformers import AutoModelForCausalLM
 
@@ -409,16 +411,19 @@ def test_sharded_local_sampling_gathers_once_per_rollout_not_per_token(tmp_path,
         assert blocks[1] == blocks[0], blocks
 
 
-def test_zero3_kl_reference_is_partitioned_and_gives_the_one_process_kl(tmp_path, tiny_model_dir):
-    """beta > 0 under ZeRO-3: the reference is a DeepSpeed-partitioned copy (half per rank, not a
-    whole model per GPU) and the KL terms, losses and weights equal one process's."""
+def test_sharded_kl_reference_is_partitioned_and_gives_the_one_process_kl(tmp_path, tiny_model_dir):
+    """beta > 0 under ZeRO-3 and FSDP: the reference is sharded like the trained model (half per
+    rank, not a whole model per GPU) and the KL terms, losses and weights equal one process's."""
     kl = {"grpo": {"micro_batch_size": 4, "beta": 0.1}}
     in_process(write_cfg(tmp_path, tiny_model_dir, "single_kl", overrides=kl))
-    launch(write_cfg(tmp_path, tiny_model_dir, "zero3_kl", overrides=kl), "zero3")
     assert first(tmp_path / "single_kl", "reference_param_fraction_per_rank") == [1.0]
-    assert first(tmp_path / "zero3_kl", "reference_param_fraction_per_rank") == [0.5, 0.5]
-    one, two = steps_of(tmp_path / "single_kl"), steps_of(tmp_path / "zero3_kl")
+    one = steps_of(tmp_path / "single_kl")
     assert all(r["kl"] > 0 for r in one[1:])  # the policy moved away from the reference
-    for a, b in zip(one, two):
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-9) and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-    assert_same_weights(tmp_path / "single_kl", tmp_path / "zero3_kl", atol=2e-5)
+    for strategy in ("zero3", "fsdp"):
+        run = tmp_path / f"{strategy}_kl"
+        launch(write_cfg(tmp_path, tiny_model_dir, run.name, overrides=kl), strategy)
+        assert first(run, "reference_param_fraction_per_rank") == [0.5, 0.5], strategy
+        for a, b in zip(one, steps_of(run)):
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-9), strategy
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), strategy
+        assert_same_weights(tmp_path / "single_kl", run, atol=2e-5)

@@ -145,3 +145,11 @@ def test_a_zero3_partitioned_head_is_called_once_whatever_the_number_of_chunks()
     assert results[True][3] == 1 and results[False][3] == 4 + 4  # 4 chunks, recomputed in backward
     for a, b in zip(results[False][:3], results[True][:3]):
         torch.testing.assert_close(a, b)
+
+
+def test_a_zero3_partitioned_head_is_called_even_by_a_rank_with_no_tokens():
+    """A rank whose micro-batch has no learnt token (SFT) still joins the head's gather, or its
+    peers wait for it forever."""
+    head = counting_head(True)
+    logp, _ = token_logprobs(torch.randn(0, 6, requires_grad=True), torch.zeros(0, dtype=torch.long), head)
+    assert head.calls == 1 and logp.shape == (0,)

@@ -42,6 +42,7 @@ def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
     from stagewise.domains.tau2 import data
     from stagewise.domains.tau2.environment import Tau2Context, Tau2Env
     from stagewise.domains.tau2.evaluation import PARTS
+    from stagewise.domains.tau2.oracle import oracle_turns
     from stagewise.envs.users import build_user_simulator
 
     where = f"domains.{spec.name}.args"
@@ -66,7 +67,8 @@ def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
     as_dict = lambda t: {"id": t.id, "prompt": _summary(t)}  # noqa: E731
     return Domain(spec.name, [as_dict(t) for t in train], [as_dict(t) for t in held],
                   rewards=[("pass", 1.0), ("actions", 0.3)], metric="pass",
-                  environment=partial(Tau2Env, ctx=ctx), reward_parts=PARTS)
+                  environment=partial(Tau2Env, ctx=ctx), reward_parts=PARTS,
+                  oracle=lambda task: oracle_turns(ctx, task["id"]))
 
 
 def airline(spec: DomainSpec, seed: int) -> Domain:

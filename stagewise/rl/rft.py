@@ -1,0 +1,155 @@
+"""One rejection-sampling fine-tuning stage (RFT, expert iteration): the loop to read top to bottom.
+
+    result = train_rft_stage(job)      # called by the curriculum for every `kind: rft` stage
+
+Each step (a round):  sample prompts  ->  G episodes each from the current policy  ->  rewards  ->
+keep the episodes that pass (``rft.keep: pass``: the domain's metric reaches 1.0) or each group's
+best (``best``: the highest reward of the group, when it reaches ``rft.min_reward``)  ->  one
+optimizer step of supervised learning on the kept episodes' policy tokens (their mean negative
+log-likelihood over every process)  ->  metrics, checkpoint. A round in which no process kept
+anything takes no optimizer step.
+
+What it shares with GRPO: the rollout engines, the episodes (tool calls, simulated customers), the
+prompt choice and replay (``grpo.pick_examples``), the batch tensors and the stage scaffold. What
+it does not have: advantages, ratios, a reference model. Every process runs the same number of
+forward / backward passes (rows not kept are in the batch with no token in the loss), as DDP,
+ZeRO's fixed accumulation and FSDP need.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from stagewise.config import RunConfig
+from stagewise.errors import ConfigError
+from stagewise.generation import vllm_engine
+from stagewise.generation.chat_template import eos_ids
+from stagewise.generation.engines import SamplingParams
+from stagewise.models import load_model
+from stagewise.parallel import runtime
+from stagewise.parallel.collectives import gather_rows
+from stagewise.registry import lookup
+from stagewise.rl.episodes import EpisodeLimits
+from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs
+from stagewise.rl.logprobs import PolicyLogprobs
+from stagewise.rl.rollout import generate_rollouts
+from stagewise.seeds import completion_seeds
+from stagewise.training.run import StageRun
+from stagewise.training.stage import StageJob, StageResult
+from stagewise.training.step_stats import reduce_step_stats
+
+
+def train_rft_stage(job: StageJob) -> StageResult:
+    cfg, tok = job.cfg, job.tokenizer
+    rollout_cfg, rft_cfg = job.part("rollout"), job.part("rft")
+    total_steps = cfg.stage_steps(job.index)
+    world = runtime.world_size_from_env()
+    group_size = rollout_cfg.num_generations
+    groups_local = rollout_cfg.prompts_per_step // world
+    rows_local = groups_local * group_size
+    micro = rft_cfg.micro_batch_size
+    accumulation = rows_local // micro
+
+    run = StageRun(job, lambda: PolicyLogprobs(load_model(job.init_path, cfg.model)), micro_batch=micro,
+                   accumulation=accumulation, total_steps=total_steps,
+                   describe=f"keep {rft_cfg.keep}" + (f" >= {rft_cfg.min_reward}" if rft_cfg.keep == "best" else ""))
+    engine = lookup("rollout_engine", rollout_cfg.engine)(run.strategy, tokenizer=tok, rollout=rollout_cfg,
+                                                          seed=cfg.seed, model_path=job.init_path)
+    sampling = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
+                              top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, stop_token_ids=tuple(eos_ids(tok)))
+    limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
+                           max_tool_errors=rollout_cfg.max_tool_errors)
+    shared = group_size if (rft_cfg.shared_prompt and micro % group_size == 0
+                            and not cfg.model.gradient_checkpointing) else 1
+
+    while not run.finished:
+        step = run.begin_step()
+
+        # 1. rollout: this process's contiguous share of the round's groups
+        examples = pick_examples(job, step, rollout_cfg.prompts_per_step, job.stage.replay)
+        mine = examples[run.rank * groups_local:(run.rank + 1) * groups_local]
+        seeds = completion_seeds(cfg.seed, job.index, step, run.rank * rows_local, rows_local)
+        with engine.generator() as generator:
+            batch = generate_rollouts(generator, tok, mine, num_generations=group_size, params=sampling,
+                                      limits=limits, seeds=seeds, device=run.device)
+        gen_time = run.elapsed()
+
+        # 2. which episodes are demonstrations
+        passed = torch.tensor([dom.succeeded({k: float(v[g * group_size + j]) for k, v in batch.reward_parts.items()})
+                               if rft_cfg.keep == "pass" else False
+                               for g, (dom, _) in enumerate(mine) for j in range(group_size)])
+        keep = kept_rows(batch.rewards.cpu(), passed, group_size, rft_cfg.keep, rft_cfg.min_reward)
+        batch.loss_mask = (batch.completion_mask * batch.policy_mask) * keep[:, None].to(run.device).float()
+        n_seq, n_tok = global_counts(batch.loss_mask, run.device)
+
+        # 3. learn the kept episodes: one optimizer step (none when nothing was kept anywhere)
+        train_start, loss_sum = time.time(), torch.zeros((), device=run.device)
+        if n_tok > 0:
+            for k, mb in enumerate(batch.micro_batches(micro)):
+                with run.accumulate():
+                    logp, _ = run.model(*policy_inputs(mb, 1.0), group_size=shared)
+                    loss = -(logp * mb.loss_mask).sum() / n_tok
+                    loss = run.backward(loss, last=k == accumulation - 1)
+                loss_sum = loss_sum + loss.detach().float()
+            run.optimizer_step()
+        train_time = time.time() - train_start
+
+        # 4. metrics (one collective), then the scaffold logs, stops or checkpoints
+        all_rewards = gather_rows(batch.rewards.to(run.device)).cpu()
+        total, _ = reduce_step_stats(run.device, sums={"loss": loss_sum, "kept_reward": (batch.rewards.to(
+            run.device) * keep.to(run.device)).sum()}, rows={})
+        step_time = run.elapsed()
+        lengths = batch.completion_mask.sum().item()
+        metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                   "keep_rate": n_seq / all_rewards.numel(), "kept": n_seq, "kept_tokens": n_tok,
+                   "kept_reward": total["kept_reward"] / max(n_seq, 1), "loss": total["loss"],
+                   "step_time": step_time, "gen_time": gen_time, "train_time": train_time,
+                   "tokens_per_s": lengths * world / step_time, **engine.timings}
+        if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
+                        progress={"reward": metrics["reward"], "keep": metrics["keep_rate"]}):
+            return run.stopped()
+    return run.finish(tok)
+
+
+def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep: str,
+              min_reward: float) -> torch.Tensor:
+    """rewards (B,), passed (B,) bool, rows of a group contiguous -> (B,) bool: the demonstrations.
+    pass: the rows that passed; best: each group's first highest-reward row, when it reaches min_reward."""
+    if keep == "pass":
+        return passed.bool()
+    groups = rewards.view(-1, group_size)
+    best = groups.argmax(dim=1)
+    out = torch.zeros_like(groups, dtype=torch.bool)
+    out[torch.arange(groups.size(0)), best] = groups.max(dim=1).values >= min_reward
+    return out.view(-1)
+
+
+def check_rft_stage(cfg: RunConfig, i: int, world: int) -> None:
+    """Batch shapes of stage i for `world` processes (before any model loads)."""
+    rollout_cfg, rft_cfg, stage = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "rft"), cfg.stages[i]
+    if stage.epochs is not None:
+        raise ConfigError(f"stages.{i}: an rft stage runs rounds: give steps or tasks_per_domain, not epochs")
+    if rollout_cfg.prompts_per_step % world:
+        raise ConfigError(f"stages.{i}: rollout.prompts_per_step={rollout_cfg.prompts_per_step} must be divisible by "
+                          f"the {world} processes (groups are kept whole per process)")
+    rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations
+    if rows % rft_cfg.micro_batch_size:
+        raise ConfigError(f"stages.{i}: rft.micro_batch_size={rft_cfg.micro_batch_size} must divide the "
+                          f"{rows} episodes each process samples per round")
+    runtime.check_deepspeed_json(cfg.dist, world, rft_cfg.micro_batch_size, rows // rft_cfg.micro_batch_size)
+    if rollout_cfg.engine == "vllm":
+        where = f"stages.{i}.rollout.engine" if stage.rollout else "rollout.engine"
+        vllm_engine.refuse_unsupported(cfg.dist.strategy, cfg.model.lora is not None, where)
+        vllm_engine.require_vllm()
+
+
+def check_rft_domains(cfg: RunConfig, i: int, domains: dict) -> None:
+    """keep: pass needs every domain of the stage to have an accuracy metric."""
+    if cfg.stage_part(i, "rft").keep != "pass":
+        return
+    for name in cfg.stages[i].domains:
+        if domains[name].metric is None:
+            raise ConfigError(f"stages.{i}: rft.keep=pass needs domain {name} to have an accuracy metric; it has "
+                              f"none (use rft.keep=best with rft.min_reward)")
