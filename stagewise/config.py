@@ -125,8 +125,9 @@ class GRPOConfig(_Part):
     num_iterations: int = Field(1, ge=1)  # optimizer passes over one rollout batch
     drop_zero_variance_groups: bool = False  # DAPO "dynamic sampling" (masking variant)
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
-    # run a group's shared prompt once per micro-batch (needs micro_batch_size % G == 0)
-    shared_prompt: bool = True
+    # a micro-batch's shared prefix (its rows' common opening, or each group's prompt) runs once
+    # with gradients, every row's tail against it (exact; off under model.gradient_checkpointing)
+    shared_prefix: bool = True
     # engines that report log-probs (vllm): weight each token's loss by min(pi_trainer / pi_engine,
     # tis_cap), the truncated importance-sampling correction of the engine/trainer mismatch; None: off
     tis_cap: float | None = Field(None, gt=0)
@@ -152,7 +153,7 @@ class RFTConfig(_Part):
     keep: Literal["pass", "best"] = "pass"
     min_reward: float = 0.5  # with keep: best
     micro_batch_size: int = Field(8, gt=0)  # episodes per forward/backward, per process
-    shared_prompt: bool = True  # a group's shared prompt once per micro-batch (micro_batch_size % G == 0)
+    shared_prefix: bool = True  # a micro-batch's shared prefix once, as grpo.shared_prefix
 
 
 class DataConfig(_Part):

@@ -71,9 +71,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
                               top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, stop_token_ids=tuple(eos_ids(tok)))
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
-    # a group's shared prompt runs once per micro-batch when micro-batches hold whole groups
-    shared = group_size if (grpo_cfg.shared_prompt and micro % group_size == 0
-                            and not cfg.model.gradient_checkpointing) else 1
+    shared = prefix_sharing(grpo_cfg.shared_prefix, cfg.model.gradient_checkpointing, micro, group_size)
     domains = job.domains + job.replay_domains
     multi_turn = any(d.environment is not None for d in domains)
     # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
@@ -112,7 +110,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
             for k, mb in enumerate(batch.micro_batches(micro)):
                 with run.accumulate():
                     logp, entropy = run.model(*policy_inputs(mb, rollout_cfg.temperature), with_entropy=True,
-                                              group_size=shared)
+                                              **shared)
                     token_loss, stats = per_token_loss(logp, mb.old_logp, mb.advantages, epsilon_low=grpo_cfg.epsilon,
                                                        epsilon_high=grpo_cfg.clip_high, beta=grpo_cfg.beta,
                                                        ref_logp=mb.ref_logp, mask=mb.loss_mask,
@@ -185,6 +183,14 @@ def policy_inputs(mb: RolloutBatch, temperature: float) -> tuple:
     return mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask, temperature
 
 
+def prefix_sharing(enabled: bool, gradient_checkpointing: bool, micro: int, group_size: int) -> dict:
+    """PolicyLogprobs' sharing arguments: the shared-prefix forward unless switched off or under
+    gradient checkpointing (transformers then turns the KV cache off); groups when micro-batches
+    hold whole ones."""
+    return {"share_prefix": enabled and not gradient_checkpointing,
+            "group_size": group_size if micro % group_size == 0 else 1}
+
+
 def load_reference(job: StageJob, run: StageRun):
     """The KL term's reference model (bf16 under bf16 compute, frozen, wrapped as the policy is; a
     whole copy on every rank, partitioned over them under ZeRO-3 and FSDP), or None: when beta is 0,
@@ -214,18 +220,18 @@ def fixed_logprobs(forward, batch: RolloutBatch, micro_batch: int) -> torch.Tens
 
 
 def add_fixed_logprobs(batch: RolloutBatch, run: StageRun, reference, grpo_cfg, temperature: float,
-                       shared: int) -> None:
+                       shared: dict) -> None:
     """The old policy's log-probs (num_iterations > 1) and the reference's (beta > 0), before any update."""
     micro = grpo_cfg.micro_batch_size
 
     def policy(mb):
-        return run.model(*policy_inputs(mb, temperature), group_size=shared)
+        return run.model(*policy_inputs(mb, temperature), **shared)
 
     if grpo_cfg.num_iterations > 1:
         batch.old_logp = fixed_logprobs(policy, batch, micro)
     if reference is not None:
         batch.ref_logp = fixed_logprobs(
-            lambda mb: reference(*policy_inputs(mb, temperature), group_size=shared), batch, micro)
+            lambda mb: reference(*policy_inputs(mb, temperature), **shared), batch, micro)
     elif grpo_cfg.beta > 0:  # LoRA: the reference is the model with its adapters switched off
         with run.strategy.lm.disable_adapter():
             batch.ref_logp = fixed_logprobs(policy, batch, micro)

@@ -8,6 +8,7 @@ import torch
 
 from stagewise.generation.padding import position_ids_from_mask
 from stagewise.lm_head import token_logprobs
+from stagewise.prefix_sharing import shared_prefix_hidden, unpadded
 
 
 def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
@@ -42,50 +43,40 @@ def _body_and_head(lm):
 
 
 def completion_hidden(body, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, group_size: int = 1) -> torch.Tensor:
-    """Hidden states at the positions that predict each completion token: (B, C, H).
+                      completion_mask: torch.Tensor, share_prefix: bool = False, group_size: int = 1) -> torch.Tensor:
+    """Hidden states at the positions that predict each real completion token: (N, H), N =
+    completion_mask.sum(), in the order of ``completion_mask.nonzero()``.
 
     prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded. Only the body runs here (no
     vocabulary projection: ``token_logprobs`` applies the head in chunks).
 
-    group_size > 1 (rows come in groups of G that share one prompt, as in GRPO): the prompt is
-    run once per group and its KV cache repeated G times; the completions then attend to it.
-    Gradients flow through the repeated cache (autograd sums them), so the result equals the
-    plain forward while the prompt costs 1/G as much. With ~44 prompt tokens (chat template)
-    and <= 16 completion tokens this is most of a step's training compute.
+    share_prefix: the micro-batch's shared prefix (its rows' common opening, or each group's prompt
+    when rows come in groups of ``group_size`` that share one, as in GRPO) runs once and the rows'
+    tails attend to its repeated KV cache (``prefix_sharing``): equal to the plain forward, values
+    and gradients, while the prefix costs one row instead of B.
     """
-    C = completion_ids.size(1)
-    if group_size > 1:
-        p_ids, p_mask = prompt_ids[::group_size], prompt_mask[::group_size]
-        p_pos = position_ids_from_mask(p_mask)
-        out = body(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group_size)
-        first = out.last_hidden_state[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts token 0
-        if C == 1:
-            return first
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        pos = p_pos[:, -1:].repeat_interleave(group_size, dim=0) + 1 + torch.arange(C, device=prompt_ids.device)
-        rest = body(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                    past_key_values=cache, use_cache=True).last_hidden_state
-        return torch.cat([first, rest.to(first.dtype)], dim=1)
+    if share_prefix:
+        ids, lengths, index = unpadded(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return shared_prefix_hidden(body, ids, lengths, index, group_size)
+    B, C = completion_ids.shape
     ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
     mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                   use_cache=False).last_hidden_state
-    return hidden[:, -C:, :]  # position t predicts token t+1
+    where = completion_mask.reshape(-1).nonzero().squeeze(1)
+    return hidden[:, -C:, :].reshape(B * C, -1).index_select(0, where)  # position t predicts token t+1
 
 
 def completion_logprobs(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
-                        group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        share_prefix: bool = False, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log pi(completion token | prefix): logp (B, C) fp32, and entropy (B, C) (no grad) or None.
     Positions outside completion_mask are 0 in both (never computed: no head, no softmax)."""
     hf, body, head = _body_and_head(lm)
-    hidden = completion_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    picked = completion_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prefix,
+                               group_size)
     B, C = completion_ids.shape
     where = completion_mask.reshape(-1).nonzero().squeeze(1)
-    picked = hidden.reshape(B * C, -1).index_select(0, where)
     logp, entropy = token_logprobs(picked, completion_ids.reshape(-1).index_select(0, where), head,
                                    temperature=temperature, with_entropy=with_entropy,
                                    softcap=getattr(hf.config, "final_logit_softcapping", None))
@@ -100,7 +91,7 @@ class PolicyLogprobs(torch.nn.Module):
     """The causal LM wrapped so that one ``forward`` call returns completion log-probs.
 
     This is the module handed to ``accelerator.prepare``: DDP / DeepSpeed / FSDP then see a single
-    forward per micro-batch even when the shared-prompt path runs the LM twice inside it.
+    forward per micro-batch even when the shared-prefix path runs the LM twice inside it.
     The HF model is ``.lm`` (exported and used for sampling as is).
     """
 
@@ -109,6 +100,6 @@ class PolicyLogprobs(torch.nn.Module):
         self.lm = lm
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                with_entropy: bool = False, group_size: int = 1):
+                with_entropy: bool = False, share_prefix: bool = False, group_size: int = 1):
         return completion_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                   temperature, with_entropy, group_size)
+                                   temperature, with_entropy, share_prefix, group_size)

@@ -32,7 +32,7 @@ from stagewise.parallel import runtime
 from stagewise.parallel.collectives import gather_rows
 from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits
-from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs
+from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs, prefix_sharing
 from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.rollout import generate_rollouts
 from stagewise.seeds import completion_seeds
@@ -61,8 +61,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
                               top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, stop_token_ids=tuple(eos_ids(tok)))
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
-    shared = group_size if (rft_cfg.shared_prompt and micro % group_size == 0
-                            and not cfg.model.gradient_checkpointing) else 1
+    shared = prefix_sharing(rft_cfg.shared_prefix, cfg.model.gradient_checkpointing, micro, group_size)
 
     while not run.finished:
         step = run.begin_step()
@@ -89,7 +88,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
         if n_tok > 0:
             for k, mb in enumerate(batch.micro_batches(micro)):
                 with run.accumulate():
-                    logp, _ = run.model(*policy_inputs(mb, 1.0), group_size=shared)
+                    logp, _ = run.model(*policy_inputs(mb, 1.0), **shared)
                     loss = -(logp * mb.loss_mask).sum() / n_tok
                     loss = run.backward(loss, last=k == accumulation - 1)
                 loss_sum = loss_sum + loss.detach().float()

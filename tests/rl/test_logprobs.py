@@ -3,6 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stagewise.lm_head import token_logprobs
+from stagewise.prefix_sharing import prefix_plan, unpadded
 from stagewise.rl.logprobs import completion_logprobs
 from tests.helpers import encode_prompts
 
@@ -46,7 +47,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("group_size", [0, 1, 2])
 def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(group_size):
     """B=2 completions of 2,048 tokens, a 32k vocabulary: the (B, C, V) logits would be 512 MB in
     fp32 (5 GB in bf16 for 8k tokens of Qwen3's 152k); no tensor of forward or backward may come
@@ -64,7 +65,7 @@ def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(
     ones = torch.ones_like
     with LargestTensor() as seen:
         logp, entropy = completion_logprobs(lm, p_ids, ones(p_ids), c_ids, ones(c_ids), with_entropy=True,
-                                            group_size=group_size)
+                                            share_prefix=group_size > 0, group_size=max(group_size, 1))
         logp.sum().backward()
     block = chunk_tokens(V) * V * 4
     assert block < 2 * C * V * 4 / 1.9
@@ -89,26 +90,46 @@ def test_completion_logprobs_match_a_full_forward(tiny):
             assert torch.allclose(lp[r, :len(comp)], ref, atol=1e-5)
 
 
-def test_shared_prompt_path_matches_plain_forward_and_gradients(tiny):
+def shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask, group_size):
+    """(log-probs, gradients) of the plain forward and of the shared-prefix one."""
+    out = []
+    for share in (False, True):
+        model.zero_grad()
+        lp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, share_prefix=share, group_size=group_size)
+        (lp * c_mask * torch.arange(1, lp.numel() + 1).view_as(lp)).sum().backward()  # row-specific weights
+        out.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return out
+
+
+@pytest.mark.parametrize("case", ["groups", "common_opening", "nothing_shared"])
+def test_shared_prefix_path_matches_plain_forward_and_gradients(tiny, case):
+    """GRPO groups sharing a prompt; different prompts with a long common opening (the tau2 case:
+    the plan then shares across groups); rows with no common token (every row its own prefix)."""
     model, tok = tiny
-    p_ids, p_mask = encode_prompts(tok, ["a prompt", "another, longer prompt"])
     G = 3
+    opening = "You are an airline agent. Policy: be brief, check the reservation, then act. " * 3
+    prompts = {"groups": ["a prompt", "another, longer prompt"],
+               "common_opening": [opening + "Cancel my flight.", opening + "Change my seat, please."],
+               "nothing_shared": ["a prompt", "another, longer prompt"]}[case]
+    p_ids, p_mask = encode_prompts(tok, prompts)
     p_ids, p_mask = p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0)
     torch.manual_seed(1)
     c_ids = torch.randint(0, 200, (2 * G, 4))
     c_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] * 2)
-    grads = []
-    for g in (1, G):
-        model.zero_grad()
-        lp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, group_size=g)
-        (lp * c_mask).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        if g == 1:
-            plain = lp.detach()
-    assert torch.allclose(lp.detach() * c_mask, plain * c_mask, atol=1e-5)
-    assert torch.equal(lp.detach() * (1 - c_mask), torch.zeros_like(lp))  # padding: never computed
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+    if case == "nothing_shared":  # a prompt of one distinct token per row
+        p_ids, p_mask = torch.arange(5, 5 + 2 * G)[:, None], torch.ones(2 * G, 1, dtype=torch.long)
+    ids, lengths, _ = unpadded(p_ids, p_mask, c_ids, c_mask)
+    G_used, L = prefix_plan(ids, lengths, G)
+    expected = {"groups": (G, int(p_mask[0].sum())), "nothing_shared": (1, 1)}
+    if case in expected:
+        assert (G_used, L) == expected[case]
+    else:  # the opening once beats each group's prompt twice
+        assert G_used == 2 * G and L > 40
+    (plain, g_plain), (shared, g_shared) = shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask, G)
+    assert torch.allclose(shared * c_mask, plain * c_mask, atol=1e-5)
+    assert torch.equal(shared * (1 - c_mask), torch.zeros_like(shared))  # padding: never computed
+    for n in g_plain:
+        assert torch.allclose(g_plain[n], g_shared[n], atol=1e-5), n
 
 
 def counting_head(partitioned: bool):
