@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: demo tool-demo test gpu-check vllm bench bench-vllm bench-sft sft-sweep clean
+.PHONY: demo tool-demo tau2-demo test gpu-check vllm bench bench-vllm bench-sft bench-prefix sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: $(STAMP)
 tool-demo: $(STAMP)
 	$(BIN)/stagewise run configs/tool_calculator.yaml --overwrite
 
+# the reference curriculum on this CPU (configs/tau2_cpu.yaml): oracle demonstrations of each domain's
+# training tasks, then SFT -> RFT on airline, then on retail, the matrix on the held-out and training tasks
+TAU2_DEMOS := runs/tau2_cpu_demos
+tau2-demo: $(STAMP)
+	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain airline --split train --agent oracle --out $(TAU2_DEMOS)/airline.jsonl
+	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain retail --split train --agent oracle --out $(TAU2_DEMOS)/retail.jsonl
+	$(BIN)/stagewise run configs/tau2_cpu.yaml --overwrite
+
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs tests
@@ -51,6 +59,10 @@ bench: $(STAMP)
 # our sampler vs vLLM: generation (the bench workload, a long shared prompt) and whole GRPO steps
 bench-vllm: $(VLLM_STAMP)
 	$(BIN)/python benchmarks/sampler_vs_vllm.py
+
+# shared-prefix training vs the plain forward on tau2 airline batches (SFT and GRPO's training phase)
+bench-prefix: $(STAMP)
+	$(BIN)/python benchmarks/shared_prefix.py
 
 bench-sft: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

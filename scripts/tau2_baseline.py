@@ -72,8 +72,9 @@ def main() -> None:
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 generator = engine if engine is not None else LocalGenerator(model, tok, device="cpu")
-                rate, samples, _ = evaluate_domain(generator, tok, dom, max_new_tokens=args.max_new_tokens,
-                                                   batch_size=args.batch_size, limits=limits)
+                result = evaluate_domain(generator, tok, dom, max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size, limits=limits)
+                rate, samples = result.accuracy, result.samples
         except ConfigError as e:
             rows.append((label, len(dom.eval), prompt_len, "does not fit", "", f"{time.time() - t0:.0f}"))
             print(f"{name}: {e}", flush=True)

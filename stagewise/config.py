@@ -126,7 +126,7 @@ class GRPOConfig(_Part):
     drop_zero_variance_groups: bool = False  # DAPO "dynamic sampling" (masking variant)
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward, per process
     # a micro-batch's shared prefix (its rows' common opening, or each group's prompt) runs once
-    # with gradients, every row's tail against it (exact; off under model.gradient_checkpointing)
+    # with gradients, every row's tail attending to it (exact; the model's attention must be sdpa)
     shared_prefix: bool = True
     # engines that report log-probs (vllm): weight each token's loss by min(pi_trainer / pi_engine,
     # tis_cap), the truncated importance-sampling correction of the engine/trainer mismatch; None: off
@@ -144,6 +144,10 @@ class SFTConfig(_Part):
     micro_batch_size: int | Literal["auto"] = "auto"
     max_seq_len: int = Field(512, ge=16)  # tokens per packed row; longer conversations are truncated
     packing: bool = True  # several examples per row, no attention across them
+    # a step whose rows hold one example each (packing off, or examples too long to pack together:
+    # agent episodes) runs each micro-batch's common opening once, with gradients, and every row's
+    # rest attending to it (exact; the model's attention must be sdpa)
+    shared_prefix: bool = True
     loss_chunk: int = Field(1024, gt=0)  # learnt positions per cross-entropy chunk (memory vs speed)
 
 

@@ -112,6 +112,18 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
             md += ["| loss metric | value |", "|---|---:|"]
             md += [f"| {k} | {fmt(v)} |" for k, v in lossm.items()]
             md += ["", "loss_BWT < 0 / loss_forgetting > 0: held-out loss of earlier stages' domains rose.", ""]
+    details = state.get("detail_rows", {})
+    for dom in [d for d in domain_names if any(dom_details.get(d) for dom_details in details.values())]:
+        keys = list(dict.fromkeys(k for k_row in present for k in details.get(str(k_row), {}).get(dom, {})))
+        md += [f"## {dom}: what the held-out episodes did", "",
+               "Means over the held-out episodes: each reward part (partial credit), `ended` (the customer or the "
+               "agent ended the conversation), `tool_calls` per episode, `valid_calls` (attempts that parse and name "
+               "a tool with its required arguments and no others).", "",
+               "| after | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for k_row, lab in zip(present, labels):
+            cells = details.get(str(k_row), {}).get(dom, {})
+            md.append(f"| {lab} | " + " | ".join(fmt(cells.get(k)) for k in keys) + " |")
+        md.append("")
     if metrics:
         md += ["## Continual-learning metrics", "", "| metric | value |", "|---|---:|"]
         md += [f"| {k} | {v:+.3f} |" if v is not None else f"| {k} | n/a |" for k, v in metrics.items()]

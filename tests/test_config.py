@@ -105,3 +105,16 @@ def test_yaml_bare_no_means_no(tmp_path):
     assert cfg.dist.mixed_precision == "no"
     raw = {**BASE, "dist": {"mixed_precision": False, "offload": None}}
     assert load_config(write(tmp_path, raw)).dist.offload == "none"
+
+
+def test_every_shipped_config_starts_with_its_command_and_passes_preflight():
+    """configs/*.yaml: the first line is the command that runs it, and the config is valid for the
+    process count that command implies (no model, no data read)."""
+    from stagewise.continual.preflight import check_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and ("stagewise " in first or "make " in first), (path.name, first)
+        world = 8 if "--num-processes 8" in first else 1
+        check_config(load_config(path), world)

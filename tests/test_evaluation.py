@@ -39,13 +39,15 @@ def ascii_domain() -> Domain:
 def test_sampled_trials_give_pass_k_independent_of_batching(tiny):
     model, tok = tiny
     kw = dict(max_new_tokens=3, limits=EpisodeLimits(max_turns=1, max_tokens=3), trials=4, temperature=1.0, seed=5)
-    rate, samples, pass_k = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **kw)
+    first = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **kw)
+    rate, pass_k = first.accuracy, first.pass_k
     # other batches, same seeds
     again = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=24, **kw)
-    assert (rate, pass_k) == (again[0], again[2])
+    assert (rate, pass_k, first.details) == (again.accuracy, again.pass_k, again.details)
+    assert first.details["ascii"] == pytest.approx(rate) and first.details["tool_calls"] == 0
     assert sorted(pass_k) == [1, 2, 3, 4] and pass_k[1] == pytest.approx(rate)
     assert pass_k[1] >= pass_k[2] >= pass_k[3] >= pass_k[4]
     assert 0.0 < rate < 1.0, "the check needs some tasks that sometimes fail: change the seed"
     greedy = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
-    assert list(greedy[2]) == [1] and greedy[2][1] == greedy[0]
+    assert list(greedy.pass_k) == [1] and greedy.pass_k[1] == greedy.accuracy
 

@@ -25,7 +25,7 @@ LAYERS = {
     "tracking": 2,
     "models": 3, "optim": 3, "parallel": 3, "lm_head": 3,
     "checkpoint": 4,
-    "data": 5, "generation": 5,
+    "data": 5, "generation": 5, "prefix_sharing": 5,
     "envs": 6, "rewards": 6,
     "domains": 7,
     "training": 8,

@@ -111,8 +111,9 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
         """One row of the matrices for ``weights`` (the model that stage ``key`` ended with)."""
         faults.maybe_kill("eval", stage=int(key), rank=dist_state.process_index)
         set_policy_weights(started_from)  # a `model: policy` customer: the evaluated stage's starting weights
-        state["rows"][key], state["loss_rows"][key], samples[label] = evaluate_row(
+        state["rows"][key], state["loss_rows"][key], samples[label], details = evaluate_row(
             dist_state, cfg, tok, weights, domains, tracker, label if key == "0" else f"after {label}", step)
+        state.setdefault("detail_rows", {})[key] = details
         if dist_state.is_main_process:
             save_state(out, {**state, "samples": samples})
         barrier()

@@ -95,6 +95,10 @@ def build_domains(cfg: RunConfig) -> list[Domain]:
             if stage.kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
                 raise ConfigError(f"stages.{i}: domain {name!r} is an environment; an sft stage needs reference "
                                   f"conversations (tasks with 'messages'), so train it with a grpo stage")
+        for name in stage.domains:
+            if not by_name[name].train:
+                raise ConfigError(f"stages.{i}: domain {name!r} has no training tasks (an evaluation-only domain); "
+                                  f"train on another")
         kind = lookup("stage", stage.kind)
         if kind.needs_reward:
             for name in stage.domains:

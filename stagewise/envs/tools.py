@@ -95,3 +95,15 @@ def call_tool(tools: dict[str, Callable], call: dict) -> tuple[str, bool]:
     except Exception as e:  # noqa: BLE001  (the tool's own failure is information for the policy, as in tau2-bench)
         return f"error: {call['name']} failed: {type(e).__name__}: {e}", True
     return (out if isinstance(out, str) else json.dumps(out)), False
+
+
+def fits_schema(call: dict, schemas: list[dict]) -> bool:
+    """The parsed call names one of the tools and gives its required arguments and no others (what a
+    well-formed call is, whatever the tool then answers). schemas: OpenAI-style tool schemas."""
+    for s in schemas:
+        fn = s.get("function", s)
+        if fn.get("name") == call["name"]:
+            params = fn.get("parameters") or {}
+            known, required = set(params.get("properties") or {}), set(params.get("required") or [])
+            return required <= set(call["arguments"]) <= known
+    return False

@@ -126,11 +126,16 @@ class ScriptedSession:
             if spec.actions and criteria is not None else []
 
     def first_message(self, greeting: str) -> str:
+        """The reason for the call, or ``first`` filled in: ``{id}``, ``{reason_for_call}`` and
+        ``{known_info}`` (tau2: who the customer is, their user id or name and zip code: what a
+        customer tells an agent who asks, and what the agent's first lookups need)."""
         instructions = getattr(getattr(self.task, "user_scenario", None), "instructions", None)
         reason = getattr(instructions, "reason_for_call", None) or str(instructions or "Hello.")
         if self.spec.first is None:
             return reason
-        return self.spec.first.format(id=getattr(self.task, "id", ""), reason_for_call=reason)
+        known = (getattr(instructions, "known_info", None) or "").strip()
+        return self.spec.first.format(id=getattr(self.task, "id", ""), reason_for_call=reason.strip(),
+                                      known_info=known).strip()
 
     def assume_first(self, greeting: str, first: str) -> None:
         pass

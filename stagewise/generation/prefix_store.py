@@ -9,7 +9,10 @@ episode of a tau2 domain starts with the same ~5,000 tokens of policy and tool s
 engine (one rollout phase, one evaluation: the weights do not change) prefilling them again each
 turn was most of the sampler's time. This is vLLM's automatic prefix caching, at our 512-token
 block granularity: blocks sit at fixed offsets, so a block computed from a stored cache is bit for
-bit the block computed afresh, and reuse never changes a completion.
+bit the block computed afresh. A prompt that extends a whole stored prompt (the same conversation's
+previous turn) starts from all of it, so a turn prefills only what was said since; its numbers
+then follow the conversation's own turns (the same whatever the batch), unless the budget dropped
+that prompt in between.
 
 Least recently used prompts are dropped once the stored keys and values pass ``budget_bytes``.
 """
@@ -41,8 +44,10 @@ class PrefixStore:
         self.hits = self.reused_tokens = 0
 
     def longest(self, tokens: torch.Tensor, block: int, below: int) -> tuple[int, list | None]:
-        """The longest whole-block prefix of ``tokens`` shorter than ``below`` tokens that is stored:
-        (its length, the stored prompt's cache layers, to be cut there), or (0, None)."""
+        """The longest stored prefix of ``tokens`` shorter than ``below`` tokens: a whole stored prompt
+        (an episode's previous turn: its next turn prefills only what was said since) or else the
+        longest whole-block prefix; (its length, the stored prompt's cache layers, to be cut
+        there), or (0, None)."""
         hashes = block_hashes(tokens[: min(len(tokens), below - 1) // block * block], block)
         for b in range(len(hashes), 0, -1):
             entry = self.index.get(hashes[b - 1])
@@ -51,6 +56,9 @@ class PrefixStore:
             stored, layers = self.entries[entry]
             n = b * block
             if stored.numel() >= n and torch.equal(stored[:n], tokens[:n]):  # not a hash collision
+                full = stored.numel()
+                if n < full < below and full <= tokens.numel() and torch.equal(stored, tokens[:full]):
+                    n = full  # the whole stored prompt: this conversation's previous turn
                 self.entries.move_to_end(entry)
                 self.hits += 1
                 self.reused_tokens += n

@@ -121,8 +121,9 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
             cache = DynamicCache()
             for li, layer in enumerate(source):
                 cache.update(layer.keys[:, :, :start], layer.values[:, :, :start], li)
-        for s in range(start, n, PREFILL_BLOCK):
-            e = min(s + PREFILL_BLOCK, n)
+        # to the next block boundary, then whole blocks at fixed offsets
+        cuts = [start] + list(range((start // PREFILL_BLOCK + 1) * PREFILL_BLOCK, n, PREFILL_BLOCK)) + [n]
+        for s, e in zip(cuts, cuts[1:]):
             out = model(input_ids=rows[i][None, s:e], position_ids=torch.arange(s, e, device=prompt_ids.device)[None],
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values

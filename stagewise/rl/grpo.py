@@ -71,7 +71,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
                               top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, stop_token_ids=tuple(eos_ids(tok)))
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
-    shared = prefix_sharing(grpo_cfg.shared_prefix, cfg.model.gradient_checkpointing, micro, group_size)
+    shared = prefix_sharing(grpo_cfg.shared_prefix)
     domains = job.domains + job.replay_domains
     multi_turn = any(d.environment is not None for d in domains)
     # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
@@ -183,12 +183,9 @@ def policy_inputs(mb: RolloutBatch, temperature: float) -> tuple:
     return mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask, temperature
 
 
-def prefix_sharing(enabled: bool, gradient_checkpointing: bool, micro: int, group_size: int) -> dict:
-    """PolicyLogprobs' sharing arguments: the shared-prefix forward unless switched off or under
-    gradient checkpointing (transformers then turns the KV cache off); groups when micro-batches
-    hold whole ones."""
-    return {"share_prefix": enabled and not gradient_checkpointing,
-            "group_size": group_size if micro % group_size == 0 else 1}
+def prefix_sharing(enabled: bool) -> dict:
+    """PolicyLogprobs' sharing arguments: the shared-prefix forward unless switched off."""
+    return {"share_prefix": enabled}
 
 
 def load_reference(job: StageJob, run: StageRun):

@@ -8,7 +8,7 @@ import torch
 
 from stagewise.generation.padding import position_ids_from_mask
 from stagewise.lm_head import token_logprobs
-from stagewise.prefix_sharing import shared_prefix_hidden, unpadded
+from stagewise.prefix_sharing import shared_prefix_hidden, unpadded, use_prefix_tree
 
 
 def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
@@ -43,21 +43,20 @@ def _body_and_head(lm):
 
 
 def completion_hidden(body, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, share_prefix: bool = False, group_size: int = 1) -> torch.Tensor:
+                      completion_mask: torch.Tensor, share_prefix: bool = False) -> torch.Tensor:
     """Hidden states at the positions that predict each real completion token: (N, H), N =
     completion_mask.sum(), in the order of ``completion_mask.nonzero()``.
 
     prompt_*: (B, P) left-padded; completion_*: (B, C) right-padded. Only the body runs here (no
     vocabulary projection: ``token_logprobs`` applies the head in chunks).
 
-    share_prefix: the micro-batch's shared prefix (its rows' common opening, or each group's prompt
-    when rows come in groups of ``group_size`` that share one, as in GRPO) runs once and the rows'
-    tails attend to its repeated KV cache (``prefix_sharing``): equal to the plain forward, values
-    and gradients, while the prefix costs one row instead of B.
+    share_prefix: the rows run packed as a prefix tree (``prefix_sharing``): what they share (a GRPO
+    group's prompt, a domain's system prompt) once, every row's tail attending to it; equal to the
+    plain forward, values and gradients, while a shared prefix costs one row instead of each.
     """
-    if share_prefix:
+    if share_prefix:  # the body's attention is the tree attention (PolicyLogprobs switched it)
         ids, lengths, index = unpadded(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return shared_prefix_hidden(body, ids, lengths, index, group_size)
+        return shared_prefix_hidden(body, ids, lengths, index)
     B, C = completion_ids.shape
     ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
     mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
@@ -69,12 +68,11 @@ def completion_hidden(body, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
 def completion_logprobs(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
-                        share_prefix: bool = False, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        share_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log pi(completion token | prefix): logp (B, C) fp32, and entropy (B, C) (no grad) or None.
     Positions outside completion_mask are 0 in both (never computed: no head, no softmax)."""
     hf, body, head = _body_and_head(lm)
-    picked = completion_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prefix,
-                               group_size)
+    picked = completion_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prefix)
     B, C = completion_ids.shape
     where = completion_mask.reshape(-1).nonzero().squeeze(1)
     logp, entropy = token_logprobs(picked, completion_ids.reshape(-1).index_select(0, where), head,
@@ -98,8 +96,9 @@ class PolicyLogprobs(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        self.tree = use_prefix_tree(lm)  # False: the model's attention cannot be the tree's (plain forward)
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                with_entropy: bool = False, share_prefix: bool = False, group_size: int = 1):
+                with_entropy: bool = False, share_prefix: bool = False):
         return completion_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                   temperature, with_entropy, share_prefix, group_size)
+                                   temperature, with_entropy, share_prefix and self.tree)

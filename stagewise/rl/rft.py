@@ -12,8 +12,9 @@ anything takes no optimizer step.
 What it shares with GRPO: the rollout engines, the episodes (tool calls, simulated customers), the
 prompt choice and replay (``grpo.pick_examples``), the batch tensors and the stage scaffold. What
 it does not have: advantages, ratios, a reference model. Every process runs the same number of
-forward / backward passes (rows not kept are in the batch with no token in the loss), as DDP,
-ZeRO's fixed accumulation and FSDP need.
+forward / backward passes, as DDP, ZeRO's fixed accumulation and FSDP need: the kept rows fill
+the first micro-batches and the rest are two-token placeholders (``kept_micro_batches``), so rows
+that were not kept cost nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs, prefix_sharing
 from stagewise.rl.logprobs import PolicyLogprobs
-from stagewise.rl.rollout import generate_rollouts
+from stagewise.rl.rollout import RolloutBatch, generate_rollouts, placeholder_row
 from stagewise.seeds import completion_seeds
 from stagewise.training.run import StageRun
 from stagewise.training.stage import StageJob, StageResult
@@ -61,7 +62,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
                               top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, stop_token_ids=tuple(eos_ids(tok)))
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
-    shared = prefix_sharing(rft_cfg.shared_prefix, cfg.model.gradient_checkpointing, micro, group_size)
+    shared = prefix_sharing(rft_cfg.shared_prefix)
 
     while not run.finished:
         step = run.begin_step()
@@ -86,7 +87,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
         # 3. learn the kept episodes: one optimizer step (none when nothing was kept anywhere)
         train_start, loss_sum = time.time(), torch.zeros((), device=run.device)
         if n_tok > 0:
-            for k, mb in enumerate(batch.micro_batches(micro)):
+            for k, mb in enumerate(kept_micro_batches(batch, keep, micro, accumulation)):
                 with run.accumulate():
                     logp, _ = run.model(*policy_inputs(mb, 1.0), **shared)
                     loss = -(logp * mb.loss_mask).sum() / n_tok
@@ -110,6 +111,15 @@ def train_rft_stage(job: StageJob) -> StageResult:
                         progress={"reward": metrics["reward"], "keep": metrics["keep_rate"]}):
             return run.stopped()
     return run.finish(tok)
+
+
+def kept_micro_batches(batch: RolloutBatch, keep: torch.Tensor, micro: int, accumulation: int) -> list[RolloutBatch]:
+    """The ``accumulation`` micro-batches of a round: the kept rows, ``micro`` at a time, then two-token
+    placeholders (every process runs as many forward / backward passes as the others; rows that were
+    not kept are never computed)."""
+    kept = keep.nonzero().squeeze(1).tolist()
+    return [batch.rows(kept[k * micro:(k + 1) * micro]) if kept[k * micro:(k + 1) * micro] else placeholder_row(batch)
+            for k in range(accumulation)]
 
 
 def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep: str,

@@ -48,15 +48,20 @@ class RolloutBatch:
 
     def slice(self, start: int, end: int) -> RolloutBatch:
         """Rows start..end (a micro-batch); completion columns trimmed to the longest row in it."""
+        return self.rows(list(range(start, min(end, len(self)))))
+
+    def rows(self, index: list[int]) -> RolloutBatch:
+        """The rows ``index``, in that order; completion columns trimmed to the longest row in it."""
+        at = torch.tensor(index, dtype=torch.long)
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                kw[f.name] = v[start:end]
+                kw[f.name] = v[at.to(v.device)]
             elif isinstance(v, dict):
-                kw[f.name] = {k: t[start:end] for k, t in v.items()}
+                kw[f.name] = {k: t[at.to(t.device)] for k, t in v.items()}
             elif isinstance(v, list):
-                kw[f.name] = v[start:end]
+                kw[f.name] = [v[i] for i in index] if v else []
         mb = replace(self, **kw)
         width = max(int(mb.completion_mask.sum(-1).max()), 1)
         for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "engine_logp", "old_logp",
@@ -65,6 +70,21 @@ class RolloutBatch:
             if t is not None:
                 setattr(mb, name, t[:, :width])
         return mb
+
+
+def placeholder_row(batch: RolloutBatch) -> RolloutBatch:
+    """One row of two tokens that learns nothing: a micro-batch every process must still run (DDP,
+    ZeRO and FSDP count forward / backward calls) when it has nothing to learn, at no cost."""
+    mb = batch.slice(0, 1)
+    mb.prompt_ids, mb.prompt_mask = mb.prompt_ids[:, -1:], torch.ones_like(mb.prompt_mask[:, -1:])
+    for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "engine_logp", "old_logp",
+                 "ref_logp"):
+        t = getattr(mb, name)
+        if t is not None:
+            setattr(mb, name, t[:, :1])
+    mb.completion_mask = torch.ones_like(mb.completion_mask)
+    mb.loss_mask = torch.zeros_like(mb.completion_mask, dtype=torch.float32)
+    return mb
 
 
 def generate_rollouts(generator, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,

@@ -100,6 +100,11 @@ class PackedRow:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def single(self) -> bool:
+        """The row holds one example (positions 0 .. len-1)."""
+        return self.positions.count(0) == 1
+
 
 def example_targets(ids: list[int], train: list[bool]) -> list[int]:
     """targets[t] = ids[t+1] when token t+1 is learnt (position t predicts it), IGNORE otherwise."""

@@ -12,6 +12,11 @@ is one (chunk, V) fp32 block. Packed rows need no
 attention mask: positions restart at 0 for every example and transformers then builds a
 block-diagonal causal mask (dense under the default sdpa kernel; a variable-length kernel with
 ``model.attn_implementation: flash_attention_2``).
+
+Rows of one example each (``collate(..., shared_prefix=True)``: agent episodes that open with the
+same few-thousand-token system prompt) run their micro-batch's common opening once, with gradients,
+and every row's rest against its KV cache (``prefix_sharing``): the same values and gradients for
+a fraction of the token forwards.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from __future__ import annotations
 import torch
 
 from stagewise.lm_head import token_logprobs
+from stagewise.prefix_sharing import shared_prefix_hidden, use_prefix_tree
 from stagewise.sft.data import IGNORE, PackedRow
 
 
-def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """-> input_ids, position_ids (B, T); target_index (N,) flat indices into B*T; targets (N,).
-    Rows are right-padded to the longest; padding is its own "example" (positions restart), learns nothing."""
+def collate(rows: list[PackedRow], pad_id: int, device=None, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """-> input_ids, position_ids (B, T); target_index (N,) flat indices into B*T; targets (N,); and
+    with ``shared_prefix`` (rows of one example each) lengths (B,): SFTLoss then runs the rows'
+    common opening once. Rows are right-padded to the longest; padding is its own "example"
+    (positions restart), learns nothing."""
     T = max(len(r) for r in rows)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -39,6 +47,10 @@ def collate(rows: list[PackedRow], pad_id: int, device=None) -> dict[str, torch.
     flat = tgt.view(-1)
     index = (flat != IGNORE).nonzero().squeeze(1)
     out = {"input_ids": ids, "position_ids": pos, "target_index": index, "targets": flat[index]}
+    if shared_prefix:
+        if not all(r.single for r in rows):
+            raise ValueError("shared_prefix needs rows of one example each (packed rows restart their positions)")
+        out["lengths"] = torch.tensor([len(r) for r in rows])
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
@@ -59,11 +71,15 @@ class SFTLoss(torch.nn.Module):
     def __init__(self, lm, chunk: int = 1024):
         super().__init__()
         self.lm, self.chunk = lm, chunk
+        self.tree = use_prefix_tree(lm)  # False: the model's attention cannot be the tree's (plain forward)
 
-    def forward(self, input_ids, position_ids, target_index, targets) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, target_index, targets, lengths=None) -> torch.Tensor:
         hf = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # peft wraps it
         body = getattr(hf, hf.base_model_prefix)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
+        if lengths is not None and self.tree:  # one example per row: their common opening once (prefix_sharing)
+            picked = shared_prefix_hidden(body, input_ids, lengths, target_index)
+        else:
+            hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
         softcap = getattr(hf.config, "final_logit_softcapping", None)
         return chunked_nll(picked, hf.get_output_embeddings(), targets, self.chunk, softcap)

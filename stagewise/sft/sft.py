@@ -8,6 +8,8 @@ into rows of at most ``sft.max_seq_len`` tokens. The rows of step s are a pure f
 (seed, stage, s), so the data position is the step counter (exact resume, any process count).
 
 Each step: the step's ``sft.batch_size`` rows, each process its contiguous share  ->  micro-batches
+(when every row of the step holds one example, as agent episodes too long to pack do, each
+micro-batch's common opening runs once: ``sft.shared_prefix``, ``prefix_sharing.py``)
 with gradient accumulation  ->  token-mean NLL over the whole step's learnt tokens (a global
 normaliser, so micro-batch x accumulation x processes does not change the gradient)  ->  clip,
 AdamW, schedule  ->  metrics, checkpoint. What every stage kind shares (the Accelerator, resume,
@@ -69,12 +71,15 @@ def train_sft_stage(job: StageJob) -> StageResult:
 
     while not run.finished:
         step = run.begin_step()
-        rows = stream.step_rows(step, sft_cfg.batch_size)[run.rank * per_process:(run.rank + 1) * per_process]
+        step_rows = stream.step_rows(step, sft_cfg.batch_size)
+        # every rank sees the whole step's rows, so all take the same path (ZeRO-3 / FSDP gather per body call)
+        shared = sft_cfg.shared_prefix and all(r.single for r in step_rows)
+        rows = step_rows[run.rank * per_process:(run.rank + 1) * per_process]
         learnt_local = sum(sum(t != -100 for t in r.targets) for r in rows)
         n_tok = int(reduce_sum(torch.tensor([float(learnt_local)], device=run.device)).item())
         loss_sum = torch.zeros((), device=run.device)
         for k in range(accumulation):
-            batch = collate(rows[k * micro:(k + 1) * micro], tok.pad_token_id, run.device)
+            batch = collate(rows[k * micro:(k + 1) * micro], tok.pad_token_id, run.device, shared_prefix=shared)
             with run.accumulate():
                 nll = run.model(**batch)
                 loss = run.backward(nll.sum() / max(n_tok, 1), last=k == accumulation - 1)
@@ -85,7 +90,7 @@ def train_sft_stage(job: StageJob) -> StageResult:
             "loss": loss_sum, "tokens": torch.tensor(float(sum(len(r) for r in rows)), device=run.device)})
         step_time = run.elapsed()
         metrics = {"loss": total["loss"], "learnt_tokens": n_tok, "tokens_per_s": total["tokens"] / step_time,
-                   "learnt_tokens_per_s": n_tok / step_time, "step_time": step_time}
+                   "learnt_tokens_per_s": n_tok / step_time, "step_time": step_time, "shared_prefix": float(shared)}
         if run.end_step(metrics, samples=sft_cfg.batch_size, curve=metrics["loss"],
                         progress={"loss": metrics["loss"], "tok_s": metrics["tokens_per_s"]}):
             return run.stopped()

@@ -116,6 +116,11 @@ def test_oracle_scores_one_on_every_test_task(tokenizer, name, solo, count):
     assert not failed, failed
     assert all(e.done and not e.truncated for e in eps)
     assert all(e.parts["actions"] == 1.0 for e in eps)
+    # the evaluation's details: every oracle call fits its tool's schema, every conversation ended
+    from stagewise.evaluation import episode_details
+    details = [episode_details(e) for e in eps]
+    assert all(d["valid"] == d["attempts"] == d["tool_calls"] and d["ended"] == 1.0 for d in details)
+    assert sum(d["tool_calls"] for d in details) > len(eps)
 
 
 def tau2_reference(name: str, task, solo: bool, actions) -> float:
@@ -187,6 +192,22 @@ def test_importing_our_tau2_code_never_imports_litellm():
 def test_bad_tau2_args_are_one_clear_line(args, message):
     with pytest.raises(ConfigError, match=message):
         build_domain(DomainSpec(name="a", type="tau2_airline", args=args), seed=0)
+
+
+def test_an_evaluation_only_domain_scores_the_training_tasks_and_cannot_be_trained_on(tmp_path):
+    from stagewise.config import load_config
+    from stagewise.continual.preflight import build_domains
+
+    seen = build_domain(DomainSpec(name="a", type="tau2_airline", eval_size=30,
+                                   args={"train_split": "none", "eval_split": "train", "user": {"kind": "scripted"}}),
+                        seed=0)
+    trained = build_domain(DomainSpec(name="b", type="tau2_airline", args={"user": {"kind": "scripted"}}), seed=0)
+    assert seen.train == [] and [t["id"] for t in seen.eval] == [t["id"] for t in trained.train]
+    raw = {"output_dir": str(tmp_path), "domains": [{"name": "seen", "type": "tau2_airline",
+                                                      "args": {"train_split": "none", "eval_split": "train"}}],
+           "stages": [{"kind": "grpo", "domains": ["seen"], "steps": 1}]}
+    with pytest.raises(ConfigError, match="domain 'seen' has no training tasks"):
+        build_domains(load_config(raw=raw))
 
 
 @pytest.fixture(scope="module")

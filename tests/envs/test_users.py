@@ -80,6 +80,9 @@ def test_scripted_user_carries_out_the_tasks_user_actions_then_stops():
                                                                         act("toggle_roaming", "user")]))
     s = ScriptedUser(first="[{id}] {reason_for_call}").session(system="", tools=[], task=task)
     assert s.first_message("Hi!") == "[t1] No data."
+    task.user_scenario.instructions.known_info = "You are Ann.\nYour user id is ann_1. "
+    told = ScriptedUser(first="{known_info}\n{reason_for_call}").session(system="", tools=[], task=task)
+    assert told.first_message("Hi!") == "You are Ann.\nYour user id is ann_1.\nNo data."
     assert s.respond("Turn on data.") == {"tool_calls": [{"name": "toggle_data", "arguments": {"on": True}}]}
     assert s.tool_results(["ok"]) == {"content": "Done."}
     assert s.respond("Now roaming.") == {"tool_calls": [{"name": "toggle_roaming", "arguments": {"on": True}}]}

@@ -13,7 +13,10 @@ Two precisions:
   instead of the other shows in the gradient norm (AdamW would hide it in the weights). All-reduce
   over 2 ranks sums in another order than one process, and DeepSpeed / FSDP step AdamW on
   flattened or sharded fp32 tensors: parameters agree to ~1e-7 after 3 steps of lr 1e-3; we allow
-  atol 2e-5. Rollouts (hence rewards and advantages) are identical by construction.
+  atol 2e-5. Rollouts (hence rewards and advantages) are identical by construction. The one-process
+  reference trains with the plain forward (grpo.shared_prefix=false) and the 2-process runs with
+  the default shared-prefix forward (two body calls per micro-batch: each gathers under ZeRO-3 /
+  FSDP), so the comparison also shows the shared prefix exact across processes.
 - bf16 runs (the demo's setting) check that training computes in bf16 with fp32 master weights
   and that hand-overs are fp32 under every strategy.
 """
@@ -125,7 +128,7 @@ def fp32_runs(tmp_path_factory, tiny_model_dir):
     `accelerate launch` with the project's launch profile, on a config that says `single` (the
     `stagewise launch` path runs the same config in the resume, launcher and fault tests below)."""
     tmp = tmp_path_factory.mktemp("fp32")
-    in_process(write_cfg(tmp, tiny_model_dir, "single"))
+    in_process(write_cfg(tmp, tiny_model_dir, "single", overrides={"grpo": {"shared_prefix": False}}))
     for strategy, profile in PROFILES.items():
         r = launch_with_profile(write_cfg(tmp, tiny_model_dir, strategy), profile)
         (tmp / f"{strategy}.stdout").write_text(r.stdout)

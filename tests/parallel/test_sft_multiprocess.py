@@ -37,6 +37,26 @@ def one_process(tiny_chat_dir, tmp_path_factory):
     return tmp / "one", data
 
 
+def test_two_process_zero3_shared_prefix_sft_equals_one_process_plain(tiny_chat_dir, tmp_path, one_process):
+    """One example per row (packing off): the 2 ZeRO-3 processes run each micro-batch's common
+    opening once (two gathered body calls per micro-batch on every rank); the reference runs the
+    plain forward in one process."""
+    _, data = one_process
+    plain = dict(COMMON, sft={**COMMON["sft"], "packing": False, "shared_prefix": False})
+    from stagewise.config import load_config
+    from stagewise.continual.curriculum import run_curriculum
+    run_curriculum(load_config(raw=sft_raw(tiny_chat_dir, tmp_path / "one", data, **plain)))
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(sft_raw(tiny_chat_dir, tmp_path / "two", data,
+                                          **dict(COMMON, sft={**COMMON["sft"], "packing": False}))))
+    launch(cfg, "zero3")
+    steps = [r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
+             if "stage_step" in r]
+    assert [r["shared_prefix"] for r in steps] == [1.0] * 3
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=2e-5)
+
+
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp", "ddp"])
 def test_two_process_sft_equals_one_process(tiny_chat_dir, tmp_path, one_process, strategy):
     one, data = one_process

@@ -2,8 +2,8 @@
 steps) train to the same weights — the loss normalisers are global, not per micro-batch.
 
 These compare arithmetic, so they run fp32 on the CPU (dist.mixed_precision=no, dist.cpu=true):
-under bf16 autocast a micro-batch of 2 rows (groups split, plain forward) and of 8 (shared-prompt
-forward) round differently, which would hide a real scaling bug behind a loose tolerance.
+under bf16 autocast a micro-batch of 2 rows (groups split: the rows' common opening shared) and of
+8 (each group's prompt shared) round differently, which would hide a real scaling bug behind a loose tolerance.
 
 Even in fp32 another order of computation rounds differently, and by how much depends on the CPU's
 kernels (gradient checkpointing on vs off: weights 3.3e-6 apart after 2 steps on one machine of this
@@ -21,7 +21,7 @@ from tests.helpers import load_weights, tiny_config
 @pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
 def test_micro_batch_times_accumulation_invariance(tiny_model_dir, tmp_path, loss):
     finals, losses = [], []
-    for micro in (8, 4, 2):  # 2 prompts x G 4 = 8 rows: gas 1, 2, 4 (2 splits groups: plain path)
+    for micro in (8, 4, 2):  # 2 prompts x G 4 = 8 rows: gas 1, 2, 4 (2 splits groups: common opening shared)
         out = tmp_path / f"m{micro}"
         cfg = tiny_config(tiny_model_dir, out, stages=1, steps=3, overrides=[
             f"grpo.micro_batch_size={micro}", f"grpo.loss={loss}", "eval.before_first_stage=false",
@@ -37,6 +37,23 @@ def test_micro_batch_times_accumulation_invariance(tiny_model_dir, tmp_path, los
     for other, other_loss in zip(finals[1:], losses[1:]):
         assert other_loss == pytest.approx(losses[0], abs=1e-6)
         assert_within(finals[0], other, tolerance)
+
+
+def test_shared_prefix_trains_the_same_as_the_plain_forward(tiny_model_dir, tmp_path):
+    """grpo.shared_prefix on (the default) and off: the same losses and weights (fp32)."""
+    finals, losses = [], []
+    for shared in ("true", "false"):
+        out = tmp_path / f"shared_{shared}"
+        run_curriculum(tiny_config(tiny_model_dir, out, stages=1, steps=2, overrides=[
+            f"grpo.shared_prefix={shared}", "eval.before_first_stage=false", "dist.mixed_precision=no",
+            "dist.cpu=true", "grpo.num_iterations=2", "grpo.beta=0.05"]))  # old and reference log-probs too
+        finals.append(load_weights(out / "final_model"))
+        losses.append([r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r])
+    tolerance = 0.01 * largest_update(finals[0], load_weights(tiny_model_dir))
+    assert tolerance > 1e-6
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert_within(finals[0], finals[1], tolerance)
 
 
 def test_gradient_checkpointing_trains_the_same(tiny_model_dir, tmp_path):

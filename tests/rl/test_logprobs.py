@@ -3,8 +3,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stagewise.lm_head import token_logprobs
-from stagewise.prefix_sharing import prefix_plan, unpadded
-from stagewise.rl.logprobs import completion_logprobs
+from stagewise.prefix_sharing import prefix_groups, unpadded
+from stagewise.rl.logprobs import PolicyLogprobs, completion_logprobs
 from tests.helpers import encode_prompts
 
 
@@ -47,8 +47,8 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("group_size", [0, 1, 2])
-def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(group_size):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(share_prefix):
     """B=2 completions of 2,048 tokens, a 32k vocabulary: the (B, C, V) logits would be 512 MB in
     fp32 (5 GB in bf16 for 8k tokens of Qwen3's 152k); no tensor of forward or backward may come
     near: at most one ~256 MB (chunk, V) fp32 block."""
@@ -64,8 +64,8 @@ def test_no_tokens_x_vocab_logits_for_a_long_completion_with_a_large_vocabulary(
     c_ids = torch.randint(0, V, (2, C))
     ones = torch.ones_like
     with LargestTensor() as seen:
-        logp, entropy = completion_logprobs(lm, p_ids, ones(p_ids), c_ids, ones(c_ids), with_entropy=True,
-                                            share_prefix=group_size > 0, group_size=max(group_size, 1))
+        logp, entropy = PolicyLogprobs(lm)(p_ids, ones(p_ids), c_ids, ones(c_ids), with_entropy=True,
+                                           share_prefix=share_prefix)
         logp.sum().backward()
     block = chunk_tokens(V) * V * 4
     assert block < 2 * C * V * 4 / 1.9
@@ -90,12 +90,12 @@ def test_completion_logprobs_match_a_full_forward(tiny):
             assert torch.allclose(lp[r, :len(comp)], ref, atol=1e-5)
 
 
-def shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask, group_size):
+def shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask):
     """(log-probs, gradients) of the plain forward and of the shared-prefix one."""
     out = []
     for share in (False, True):
         model.zero_grad()
-        lp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, share_prefix=share, group_size=group_size)
+        lp, _ = PolicyLogprobs(model)(p_ids, p_mask, c_ids, c_mask, share_prefix=share)
         (lp * c_mask * torch.arange(1, lp.numel() + 1).view_as(lp)).sum().backward()  # row-specific weights
         out.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     return out
@@ -119,13 +119,15 @@ def test_shared_prefix_path_matches_plain_forward_and_gradients(tiny, case):
     if case == "nothing_shared":  # a prompt of one distinct token per row
         p_ids, p_mask = torch.arange(5, 5 + 2 * G)[:, None], torch.ones(2 * G, 1, dtype=torch.long)
     ids, lengths, _ = unpadded(p_ids, p_mask, c_ids, c_mask)
-    G_used, L = prefix_plan(ids, lengths, G)
-    expected = {"groups": (G, int(p_mask[0].sum())), "nothing_shared": (1, 1)}
-    if case in expected:
-        assert (G_used, L) == expected[case]
-    else:  # the opening once beats each group's prompt twice
-        assert G_used == 2 * G and L > 40
-    (plain, g_plain), (shared, g_shared) = shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask, G)
+    plan = prefix_groups([ids[r, :n].tolist() for r, n in enumerate(lengths.tolist())])
+    if case == "groups":  # each group's prompt once
+        assert sorted((L, sorted(rows)) for L, rows in plan) == sorted(
+            (int(p_mask[g * G].sum()), list(range(g * G, (g + 1) * G))) for g in range(2))
+    elif case == "common_opening":  # the opening once beats each group's prompt twice
+        assert len(plan) == 1 and plan[0][0] > 40
+    else:  # every row alone
+        assert sorted(rows for _, rows in plan) == [[r] for r in range(2 * G)]
+    (plain, g_plain), (shared, g_shared) = shared_vs_plain(model, p_ids, p_mask, c_ids, c_mask)
     assert torch.allclose(shared * c_mask, plain * c_mask, atol=1e-5)
     assert torch.equal(shared * (1 - c_mask), torch.zeros_like(shared))  # padding: never computed
     for n in g_plain:

@@ -27,6 +27,25 @@ def test_kept_rows_pass_and_best_of_group():
                                                                     False, True, False, False]
 
 
+def test_only_kept_rows_are_computed_and_every_process_runs_its_micro_batches():
+    from stagewise.rl.rft import kept_micro_batches
+    from stagewise.rl.rollout import RolloutBatch
+
+    B, P, C = 8, 5, 6
+    ones = torch.ones(B, C, dtype=torch.long)
+    batch = RolloutBatch(prompt_ids=torch.arange(B * P).view(B, P), prompt_mask=torch.ones(B, P, dtype=torch.long),
+                         completion_ids=torch.arange(B * C).view(B, C), completion_mask=ones, policy_mask=ones,
+                         truncated=torch.zeros(B, dtype=torch.bool), rewards=torch.zeros(B))
+    keep = torch.tensor([False, True, False, False, True, True, False, False])
+    batch.loss_mask = batch.completion_mask * keep[:, None].float()
+    mbs = kept_micro_batches(batch, keep, micro=2, accumulation=4)
+    assert len(mbs) == 4
+    assert [mb.prompt_ids[:, 0].tolist() for mb in mbs[:2]] == [[5, 20], [25]]  # rows 1, 4, then 5
+    assert all(mb.loss_mask.sum() == mb.completion_mask.sum() for mb in mbs[:2])
+    for mb in mbs[2:]:  # placeholders: one row, a one-token prompt and completion, nothing learnt
+        assert mb.prompt_ids.shape == mb.completion_ids.shape == (1, 1) and mb.loss_mask.sum() == 0
+
+
 def rft_raw(tiny_model_dir, out, steps: int) -> dict:
     raw = tiny_raw(tiny_model_dir, out, stages=1, steps=steps)
     raw["domains"] = [{"name": "seven", "type": "say_seven", "eval_size": 6}]

@@ -26,9 +26,9 @@ def model_and_examples(tiny_chat_dir):
     return model, tok, examples
 
 
-def loss_and_grads(model, rows, pad_id, chunk=5):
+def loss_and_grads(model, rows, pad_id, chunk=5, shared_prefix=False):
     model.zero_grad()
-    nll = SFTLoss(model, chunk=chunk)(**collate(rows, pad_id))
+    nll = SFTLoss(model, chunk=chunk)(**collate(rows, pad_id, shared_prefix=shared_prefix))
     loss = nll.sum() / nll.numel()
     loss.backward()
     return loss.detach(), nll.numel(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -51,6 +51,40 @@ def test_packed_loss_and_gradients_equal_unpacked(model_and_examples):
         r.positions = list(range(len(r.ids)))  # one long "example" per row: tokens see earlier examples
     l3, _, _ = loss_and_grads(model, leaky, tok.pad_token_id)
     assert abs(l3 - l1) > 1e-4
+
+
+@pytest.mark.parametrize("opening_words", [0, 20])
+def test_shared_prefix_rows_give_the_loss_and_gradients_of_the_plain_forward(model_and_examples, opening_words):
+    """Agent episodes: one example per row, all opening with the same long system prompt (20 words),
+    or only the chat template's opening in common (0). The opening runs once; every learnt token's
+    NLL and every gradient equal the plain forward's."""
+    model, tok, _ = model_and_examples
+    system = " ".join(f"rule{k}" for k in range(opening_words)) or "x"
+    convs = [[{"role": "system", "content": system if opening_words else f"sys {i}"}] + c for i, c in enumerate(CONVS)]
+    examples = [tokenize_conversation(tok, c, max_len=512) for c in convs]
+    rows = pack(examples, max_len=512, packing=False)
+    assert all(r.single for r in rows) and len({len(r) for r in rows}) > 1  # rows of one example, padding
+    l1, n1, g1 = loss_and_grads(model, rows, tok.pad_token_id)
+    from stagewise.prefix_sharing import prefix_groups
+    plan = prefix_groups([r.ids for r in rows])
+    assert len(plan) == 1 and (plan[0][0] > 100 if opening_words else plan[0][0] < 20), plan
+    l2, n2, g2 = loss_and_grads(model, rows, tok.pad_token_id, shared_prefix=True)
+    assert n1 == n2 and torch.allclose(l1, l2, rtol=1e-5), (l1, l2)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-4), (name, (g1[name] - g2[name]).abs().max())
+    with pytest.raises(ValueError, match="one example each"):
+        collate(pack(examples, max_len=512), tok.pad_token_id, shared_prefix=True)
+    # under gradient checkpointing the recomputed forward sees the same tree attention
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        l3, _, g3 = loss_and_grads(model, rows, tok.pad_token_id, shared_prefix=True)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert torch.allclose(l1, l3, rtol=1e-5)
+    for name in g1:
+        assert torch.allclose(g1[name], g3[name], atol=1e-6, rtol=1e-4), (name, (g1[name] - g3[name]).abs().max())
 
 
 def test_chunked_nll_equals_full_cross_entropy(model_and_examples):

@@ -6,7 +6,8 @@
       - {name: telecom, type: tau2_telecom, eval_size: 40, args: {solo: true}}
 
 args (all optional):
-    train_split   tau2 split trained on (default "train"; telecom also "extra": 2171 more tasks)
+    train_split   tau2 split trained on (default "train"; telecom also "extra": 2171 more tasks;
+                  "none": an evaluation-only domain, e.g. eval_split "train" to score the training tasks)
     eval_split    split of the accuracy matrix (default "test")
     solo          telecom only: no user, the agent gets the device tools and a ticket (default true)
     user          the simulated customer (airline, retail, telecom with solo false):
@@ -53,7 +54,8 @@ def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
     if solo and domain != "telecom":
         raise ConfigError(f"{where}.solo: tau2's {domain} domain has no solo mode (telecom only)")
     data.require_tau2()
-    train = data.load_tasks(domain, spec.args.get("train_split", "train"))
+    train_split = spec.args.get("train_split", "train")
+    train = [] if train_split == "none" else data.load_tasks(domain, train_split)
     held = data.load_tasks(domain, spec.args.get("eval_split", "test"))
     overlap = {t.id for t in train} & {t.id for t in held}
     if overlap:
