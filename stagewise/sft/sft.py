@@ -55,7 +55,8 @@ def train_sft_stage(job: StageJob) -> StageResult:
     per_process = sft_cfg.batch_size // world
 
     examples, counts = training_examples(job, tok, sft_cfg.max_seq_len)
-    stream = RowStream(examples, seed=cfg.seed, stage=job.index, max_len=sft_cfg.max_seq_len, packing=sft_cfg.packing)
+    stream = RowStream(examples, seed=cfg.seed, stage=job.index, max_len=sft_cfg.max_seq_len, packing=sft_cfg.packing,
+                       group=sft_cfg.batch_size if sft_cfg.shared_prefix and not sft_cfg.packing else 0)
     rows_per_epoch = len(stream.epoch(0))
     stage = job.stage
     total_steps = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * rows_per_epoch
@@ -114,17 +115,52 @@ def check_sft_stage(cfg: RunConfig, i: int, world: int) -> None:
 
 class RowStream:
     """The stage's packed rows, epoch after epoch: epoch e is the examples shuffled with a seeded RNG
-    and packed. ``step_rows(s, B)`` are rows s*B .. (s+1)*B of that endless stream."""
+    and packed. ``step_rows(s, B)`` are rows s*B .. (s+1)*B of that endless stream.
+
+    group=B (one example per row, shared prefixes on): the shuffled examples are dealt into steps of
+    B by their opening (the first OPENING tokens: a domain's system prompt and tool schemas), so a
+    step's rows share one prefix where the data allows; the steps are then shuffled. Each epoch
+    still holds every example once, in an order that is a pure function of (seed, stage, epoch)."""
+
+    OPENING = 256
 
     def __init__(self, examples: list[tuple[list[int], list[bool]]], *, seed: int, stage: int, max_len: int,
-                 packing: bool):
+                 packing: bool, group: int = 0):
         self.examples, self.seed, self.stage, self.max_len, self.packing = examples, seed, stage, max_len, packing
+        self.group = group
         self.epoch = lru_cache(maxsize=4)(self._epoch)
 
     def _epoch(self, e: int) -> list[PackedRow]:
         order = list(range(len(self.examples)))
-        epoch_rng(self.seed, self.stage, e).shuffle(order)
+        rng = epoch_rng(self.seed, self.stage, e)
+        rng.shuffle(order)
+        if self.group > 1:
+            # the rows that finish the previous epoch's last step come first (steps run on across epochs)
+            lead = -e * len(self.examples) % self.group
+            order = self._by_opening(order, rng, lead)
         return pack([self.examples[i] for i in order], self.max_len, self.packing)
+
+    def _by_opening(self, order: list[int], rng, lead: int) -> list[int]:
+        """``order`` dealt into steps of ``group`` examples that share their opening, after ``lead``
+        examples that complete a step begun in the previous epoch: full steps of one opening, then the
+        remainders together, the steps shuffled, a short last step last."""
+        buckets: dict[tuple, list[int]] = {}
+        for i in order:
+            buckets.setdefault(tuple(self.examples[i][0][:self.OPENING]), []).append(i)
+        steps, rest = [], []
+        for members in buckets.values():
+            full = len(members) // self.group * self.group
+            steps += [members[k:k + self.group] for k in range(0, full, self.group)]
+            rest += members[full:]
+        if not steps:  # no opening fills a step: the shuffled order as it is
+            return order
+        while len(rest) < lead and steps:  # the lead needs more than the remainders: break a full step
+            rest = steps.pop() + rest
+        first, rest = rest[:lead], rest[lead:]
+        steps += [rest[k:k + self.group] for k in range(0, len(rest), self.group)]
+        tail = steps.pop() if steps and len(steps[-1]) < self.group else None
+        rng.shuffle(steps)
+        return first + [i for step in steps + ([tail] if tail else []) for i in step]
 
     def step_rows(self, step: int, batch: int) -> list[PackedRow]:
         out, start, e = [], step * batch, 0

@@ -126,3 +126,21 @@ def test_truncation_keeps_the_start_and_drops_examples_with_nothing_left(chat_to
     assert tokenize_conversation(chat_tok, long, max_len=20) is None  # the answer is cut off
     ids, train = tokenize_conversation(chat_tok, long, max_len=80)
     assert len(ids) <= 80 and learnt_text(chat_tok, ids, train) == "yes"
+
+
+def test_one_example_per_row_steps_share_an_opening_and_each_epoch_holds_every_example_once():
+    """Agent episodes of two domains (two system prompts): the stream deals each epoch's shuffled
+    examples into steps of one opening where it can; steps run on across epochs (74 = 9 x 8 + 2)."""
+    from stagewise.sft.sft import RowStream
+
+    opening = {1: [1] * 300, 2: [2] * 300}
+    examples = [(opening[d] + [d * 1000 + k], [False] * 300 + [True]) for d, n in ((1, 27), (2, 47)) for k in range(n)]
+    stream = RowStream(examples, seed=0, stage=0, max_len=8192, packing=False, group=8)
+    steps = [stream.step_rows(s, 8) for s in range(3 * 74 // 8)]
+    one_opening = sum(len({r.ids[0] for r in rows}) == 1 for rows in steps)
+    assert one_opening >= 0.8 * len(steps), one_opening
+    flat = [r.ids[-1] for rows in steps for r in rows]
+    for e in range(2):  # whole epochs: every example exactly once
+        assert sorted(flat[e * 74:(e + 1) * 74]) == sorted(ex[0][-1] for ex in examples)
+    plain = RowStream(examples, seed=0, stage=0, max_len=8192, packing=False)  # no grouping: shuffled only
+    assert sum(len({r.ids[0] for r in plain.step_rows(s, 8)}) == 1 for s in range(27)) < 0.3 * 27

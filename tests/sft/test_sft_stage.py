@@ -74,7 +74,10 @@ def test_mixed_sft_then_grpo_curriculum_hands_over_and_fills_one_report(tiny_cha
 
 def test_sft_micro_batch_times_accumulation_invariance(tiny_chat_dir, tmp_path):
     """4x1, 2x2, 1x4 rows per micro-batch x accumulation: the token-mean over the whole step is the
-    objective, so the weights agree (fp32: this compares arithmetic)."""
+    objective, so the weights agree (fp32: this compares arithmetic). The rows hold one example each
+    (two do not fit 64 tokens), so each micro-batch runs as a prefix tree of its own rows: another
+    order of summation, hence agreement to 1% of the largest update (a micro-batch weighted twice
+    moves the weights by the order of the update itself)."""
     data = write_data(tmp_path / "d.jsonl")
     finals = []
     for micro in (8, 4, 1):
@@ -83,11 +86,15 @@ def test_sft_micro_batch_times_accumulation_invariance(tiny_chat_dir, tmp_path):
                       dist={"mixed_precision": "no"}, eval={"before_first_stage": False})
         run_curriculum(load_config(raw=raw))
         finals.append(load_weights(out / "final_model"))
+    from tests.rl.test_invariance import assert_within, largest_update
+
+    tolerance = 0.01 * largest_update(finals[0], load_weights(tiny_chat_dir))
+    assert tolerance > 1e-6  # the run trained: equality is not the trivial "nothing moved"
     for other in finals[1:]:
-        for k in finals[0]:
-            assert torch.allclose(finals[0][k], other[k], atol=2e-6, rtol=0), (k, (finals[0][k] - other[k]).abs().max())
-    base = load_weights(tiny_chat_dir)
-    assert any(not torch.equal(finals[0][k], base[k]) for k in base)
+        assert_within(finals[0], other, tolerance)
+    steps = [r for r in map(json.loads, (tmp_path / "m8" / "metrics.jsonl").read_text().splitlines())
+             if "stage_step" in r]
+    assert all(r["shared_prefix"] == 1.0 for r in steps)
 
 
 def test_automatic_micro_batch_backs_off_on_out_of_memory(tiny_chat_dir, tmp_path, monkeypatch, capsys):
