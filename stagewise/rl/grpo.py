@@ -27,8 +27,6 @@ import torch
 
 from stagewise.config import RunConfig
 from stagewise.domains.base import Domain
-from stagewise.errors import ConfigError
-from stagewise.generation import vllm_engine
 from stagewise.generation.chat_template import eos_ids
 from stagewise.generation.engines import SamplingParams
 from stagewise.models import load_model, replicated_init
@@ -39,7 +37,7 @@ from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.losses import engine_mismatch, masked_sum, per_token_loss
-from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, generate_rollouts
+from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, check_sampling_stage, generate_rollouts
 from stagewise.seeds import completion_seeds, prompt_rng
 from stagewise.tracking import is_main
 from stagewise.training.run import StageRun
@@ -309,16 +307,6 @@ def dump_rollouts(job: StageJob, step: int, batch: RolloutBatch, mine, group_siz
 
 def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:
     """Batch shapes of stage i for `world` processes (before any model loads)."""
-    rollout_cfg, grpo_cfg = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "grpo")
-    if rollout_cfg.prompts_per_step % world:
-        raise ConfigError(f"stages.{i}: rollout.prompts_per_step={rollout_cfg.prompts_per_step} must be divisible by "
-                          f"the {world} processes (groups are kept whole per process)")
-    rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations
-    if rows % grpo_cfg.micro_batch_size:
-        raise ConfigError(f"stages.{i}: grpo.micro_batch_size={grpo_cfg.micro_batch_size} must divide the "
-                          f"{rows} completions each process trains on per step")
-    runtime.check_deepspeed_json(cfg.dist, world, grpo_cfg.micro_batch_size, rows // grpo_cfg.micro_batch_size)
-    if rollout_cfg.engine == "vllm":
-        where = f"stages.{i}.rollout.engine" if cfg.stages[i].rollout else "rollout.engine"
-        vllm_engine.refuse_unsupported(cfg.dist.strategy, cfg.model.lora is not None, where)
-        vllm_engine.require_vllm()
+    grpo_cfg = cfg.stage_part(i, "grpo")
+    check_sampling_stage(cfg, i, world, grpo_cfg.micro_batch_size, "grpo.micro_batch_size",
+                         "completions each process trains on per step")

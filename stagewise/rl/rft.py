@@ -25,7 +25,6 @@ import torch
 
 from stagewise.config import RunConfig
 from stagewise.errors import ConfigError
-from stagewise.generation import vllm_engine
 from stagewise.generation.chat_template import eos_ids
 from stagewise.generation.engines import SamplingParams
 from stagewise.models import load_model
@@ -35,7 +34,7 @@ from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs, prefix_sharing
 from stagewise.rl.logprobs import PolicyLogprobs
-from stagewise.rl.rollout import RolloutBatch, generate_rollouts, placeholder_row
+from stagewise.rl.rollout import RolloutBatch, check_sampling_stage, generate_rollouts, placeholder_row
 from stagewise.seeds import completion_seeds
 from stagewise.training.run import StageRun
 from stagewise.training.stage import StageJob, StageResult
@@ -137,21 +136,10 @@ def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep
 
 def check_rft_stage(cfg: RunConfig, i: int, world: int) -> None:
     """Batch shapes of stage i for `world` processes (before any model loads)."""
-    rollout_cfg, rft_cfg, stage = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "rft"), cfg.stages[i]
-    if stage.epochs is not None:
+    if cfg.stages[i].epochs is not None:
         raise ConfigError(f"stages.{i}: an rft stage runs rounds: give steps or tasks_per_domain, not epochs")
-    if rollout_cfg.prompts_per_step % world:
-        raise ConfigError(f"stages.{i}: rollout.prompts_per_step={rollout_cfg.prompts_per_step} must be divisible by "
-                          f"the {world} processes (groups are kept whole per process)")
-    rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations
-    if rows % rft_cfg.micro_batch_size:
-        raise ConfigError(f"stages.{i}: rft.micro_batch_size={rft_cfg.micro_batch_size} must divide the "
-                          f"{rows} episodes each process samples per round")
-    runtime.check_deepspeed_json(cfg.dist, world, rft_cfg.micro_batch_size, rows // rft_cfg.micro_batch_size)
-    if rollout_cfg.engine == "vllm":
-        where = f"stages.{i}.rollout.engine" if stage.rollout else "rollout.engine"
-        vllm_engine.refuse_unsupported(cfg.dist.strategy, cfg.model.lora is not None, where)
-        vllm_engine.require_vllm()
+    check_sampling_stage(cfg, i, world, cfg.stage_part(i, "rft").micro_batch_size, "rft.micro_batch_size",
+                         "episodes each process samples per round")
 
 
 def check_rft_domains(cfg: RunConfig, i: int, domains: dict) -> None:

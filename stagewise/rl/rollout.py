@@ -10,8 +10,11 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from stagewise.domains.base import Domain
+from stagewise.errors import ConfigError
+from stagewise.generation import vllm_engine
 from stagewise.generation.engines import SamplingParams
 from stagewise.generation.padding import left_pad
+from stagewise.parallel import runtime
 from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
 
 # per-episode statistics every batch carries (logged as episode/<name> for multi-turn domains)
@@ -70,6 +73,24 @@ class RolloutBatch:
             if t is not None:
                 setattr(mb, name, t[:, :width])
         return mb
+
+
+def check_sampling_stage(cfg, i: int, world: int, micro_batch_size: int, field: str, rows_are: str) -> None:
+    """The batch shapes of a stage that samples groups (grpo, rft) for ``world`` processes, before any
+    model loads: whole groups per process, micro-batches that divide a process's rows, the DeepSpeed
+    JSON's batch, vLLM's limits. ``field``: the stage kind's micro-batch option, for the message."""
+    rollout_cfg = cfg.stage_part(i, "rollout")
+    if rollout_cfg.prompts_per_step % world:
+        raise ConfigError(f"stages.{i}: rollout.prompts_per_step={rollout_cfg.prompts_per_step} must be divisible by "
+                          f"the {world} processes (groups are kept whole per process)")
+    rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations
+    if rows % micro_batch_size:
+        raise ConfigError(f"stages.{i}: {field}={micro_batch_size} must divide the {rows} {rows_are}")
+    runtime.check_deepspeed_json(cfg.dist, world, micro_batch_size, rows // micro_batch_size)
+    if rollout_cfg.engine == "vllm":
+        where = f"stages.{i}.rollout.engine" if cfg.stages[i].rollout else "rollout.engine"
+        vllm_engine.refuse_unsupported(cfg.dist.strategy, cfg.model.lora is not None, where)
+        vllm_engine.require_vllm()
 
 
 def placeholder_row(batch: RolloutBatch) -> RolloutBatch:
