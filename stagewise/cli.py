@@ -7,6 +7,9 @@
     stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
     stagewise report OUTPUT_DIR
     stagewise demos CONFIG --domain NAME --agent oracle|model|endpoint --out FILE.jsonl   # SFT demonstrations
+    stagewise plan CONFIG [--num-processes N] [--device-memory 80GB] [--recommend] [key=value ...]
+    stagewise doctor CONFIG [launch options] [key=value ...] | doctor --selftest   # every check before a long run
+    stagewise env                                             # versions, devices, backends: paste into an issue
 
 A user error (bad config, missing file) prints one line ``error: ...`` and exits with status 2; a
 run that had to stop (repeated non-finite steps, a lost peer process) prints one line and exits 1.
@@ -103,7 +106,7 @@ def _report(args) -> int:
 
 def _launch(args) -> int:
     from stagewise.config import load_config
-    from stagewise.continual.preflight import check_config
+    from stagewise.doctor import Launch
     from stagewise.parallel.launch import build_launch_command, launch_overrides, run_command
 
     # the config the ranks will run, checked here for their number: a bad name or shape stops now,
@@ -112,7 +115,9 @@ def _launch(args) -> int:
         args.rest = [r for r in args.rest if r != "--dry-run"]
         args.dry_run = True
     cfg = load_config(args.config, launch_overrides(args), _flag_value(args.rest, "--ablation"))
-    check_config(cfg, args.num_processes * args.num_machines)
+    _refuse_on_problems(cfg, Launch(processes=args.num_processes, machines=args.num_machines,
+                                    machine_rank=args.machine_rank, main_ip=args.main_process_ip,
+                                    main_port=args.main_process_port))
     cmd, env = build_launch_command(args)
     if args.dry_run:
         import shlex
@@ -120,6 +125,106 @@ def _launch(args) -> int:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
         return 0
     return run_command(cmd, env)
+
+
+def _plan(args) -> int:
+    from stagewise.config import load_config
+    from stagewise.continual.preflight import check_config
+    from stagewise.domains.base import build_domain
+    from stagewise.planning.plan import GIB, plan_run, recommend
+    from stagewise.planning.prompts import environment_names, measure_prompts
+    from stagewise.planning.shapes import model_shape, read_model_config
+    from stagewise.planning.tables import format_plans, format_recommendation, parse_memory
+
+    world = args.num_processes * args.num_machines
+    overrides = list(args.overrides) + ([f"dist.strategy={args.strategy}"] if args.strategy else []) \
+        + ([f"dist.offload={args.offload}"] if args.offload else [])
+    cfg = load_config(args.config, overrides)
+    check_config(cfg, world)
+    device_memory = parse_memory(args.device_memory) if args.device_memory else _visible_device_memory()
+    config = read_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    lora = cfg.model.lora
+    shape = model_shape(config, cfg.model.name_or_path, lora.r if lora else 0,
+                        tuple(lora.target_modules) if lora else ())
+    domains = []
+    for i, spec in enumerate(cfg.domains):  # a domain whose data is not here yet (demonstrations) is planned without it
+        try:
+            domains.append(build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}"))
+        except StagewiseError as e:
+            print(f"[stagewise] plan: domains.{spec.name} not built ({_first_line(e)[:160]}): planned as single-turn")
+    environments = environment_names(domains)
+    prompt_tokens = args.prompt_tokens
+    if prompt_tokens is None:  # RL rows and evaluation start from the domains' prompts
+        prompt_tokens, note = measure_prompts(cfg, domains)
+        if prompt_tokens is None:
+            prompt_tokens = 1024
+            note += f"; planned with {prompt_tokens} prompt tokens (--prompt-tokens N to set)"
+        print(f"[stagewise] plan: {note}")
+    print(f"[stagewise] plan: {shape.name}: {shape.params / 1e9:.3f} B parameters"
+          f"{f' ({shape.trainable / 1e6:.1f} M trainable, LoRA)' if shape.lora_params else ''}, "
+          f"{shape.layers} layers, vocabulary {shape.vocab}; {world} process(es)")
+    if args.recommend:
+        memory = device_memory or 80 * GIB
+        print(format_recommendation(recommend(cfg, shape, config, device_memory=memory, prompt_tokens=prompt_tokens,
+                                              environments=environments), memory))
+        return 0
+    plans = plan_run(cfg, shape, config, world=world, prompt_tokens=prompt_tokens, environments=environments,
+                     device_memory=device_memory)
+    print(format_plans(plans, device_memory))
+    return 0
+
+
+def _env(args) -> int:
+    from stagewise.machine import machine_report
+
+    print(machine_report())
+    return 0
+
+
+def _visible_device_memory() -> float | None:
+    try:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001  (no CUDA runtime: no default)
+        return None
+
+
+def _refuse_on_problems(cfg, launch, skip=()) -> None:
+    """doctor's checks before anything starts: every problem on its own line, then a refusal."""
+    from stagewise.doctor import diagnose
+    from stagewise.errors import ConfigError
+
+    failed = [f for f in diagnose(cfg, launch, skip=skip) if not f.ok]
+    if failed:
+        lines = [f.message if f.check == "config" else f"{f.check}: {f.message}" for f in failed]
+        for line in lines[:-1]:
+            print(f"error: {line}", file=sys.stderr)
+        raise ConfigError(lines[-1])  # printed as the last "error: ..." line
+
+
+def _doctor(args) -> int:
+    from stagewise.config import load_config
+    from stagewise.doctor import Launch, diagnose, selftest
+    from stagewise.planning.tables import parse_memory
+
+    if args.selftest:
+        findings = selftest(args.backend)
+    else:
+        if not args.config:
+            raise StagewiseError("doctor: give a CONFIG (or --selftest)")
+        overrides = list(args.overrides) + ([f"dist.strategy={args.strategy}"] if args.strategy else []) \
+            + ([f"dist.offload={args.offload}"] if args.offload else [])
+        cfg = load_config(args.config, overrides)
+        findings = diagnose(cfg, Launch(processes=args.num_processes, machines=args.num_machines,
+                                        machine_rank=args.machine_rank, main_ip=args.main_process_ip,
+                                        main_port=args.main_process_port, prompt_tokens=args.prompt_tokens,
+                                        device_memory=parse_memory(args.device_memory) if args.device_memory else None))
+    for f in findings:
+        print(f.line())
+    failed = sum(not f.ok for f in findings)
+    print(f"{failed} problem(s)" if failed else "no problems found")
+    return 1 if failed else 0
 
 
 def _flag_value(rest: list[str] | None, flag: str) -> str | None:
@@ -135,12 +240,13 @@ def _flag_value(rest: list[str] | None, flag: str) -> str | None:
 
 def _slurm(args) -> int:
     from stagewise.config import load_config
-    from stagewise.continual.preflight import check_config
+    from stagewise.doctor import Launch
     from stagewise.parallel.launch import launch_overrides, slurm_script
 
-    # the job's config checked for its nodes x GPUs now, not after the queue wait
+    # the job's config checked for its nodes x GPUs now, not after the queue wait (the rendezvous is
+    # the allocation's first node, known only then)
     cfg = load_config(args.config, launch_overrides(args), _flag_value(args.rest, "--ablation"))
-    check_config(cfg, args.nodes * args.gpus_per_node)
+    _refuse_on_problems(cfg, Launch(processes=args.gpus_per_node, machines=args.nodes), skip=("rendezvous",))
     text = slurm_script(args)
     if args.output:
         Path(args.output).write_text(text)
@@ -228,6 +334,41 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("config")
     la.add_argument("rest", nargs=argparse.REMAINDER, help="overrides and run flags passed through")
     la.set_defaults(fn=_launch)
+
+    pl = sub.add_parser("plan", help="memory per device for a config's stages, or which strategies fit (--recommend)")
+    pl.add_argument("--num-processes", type=_at_least(1), default=1, help="processes per machine")
+    pl.add_argument("--num-machines", type=_at_least(1), default=1)
+    pl.add_argument("--strategy", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"], default=None)
+    pl.add_argument("--offload", choices=["none", "optimizer", "optimizer_and_params"], default=None)
+    pl.add_argument("--device-memory", default=None,
+                    help="memory per device: 80GB (10^9 bytes) or 80GiB (default: the visible GPU's)")
+    pl.add_argument("--prompt-tokens", type=_at_least(1), default=None,
+                    help="RL prompt length (default: the longest measured with the model's tokenizer)")
+    pl.add_argument("--recommend", action="store_true", help="for 1-16 devices: the strategies that fit, fastest first")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.set_defaults(fn=_plan)
+
+    do = sub.add_parser("doctor", help="every check before a long run, each problem on one line with its fix")
+    do.add_argument("--num-processes", type=_at_least(1), default=1, help="processes per machine")
+    do.add_argument("--num-machines", type=_at_least(1), default=1)
+    do.add_argument("--machine-rank", type=_at_least(0), default=0)
+    do.add_argument("--main-process-ip", default="127.0.0.1")
+    do.add_argument("--main-process-port", type=int, default=29500)
+    do.add_argument("--strategy", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"], default=None)
+    do.add_argument("--offload", choices=["none", "optimizer", "optimizer_and_params"], default=None)
+    do.add_argument("--device-memory", default=None, help="memory per device (default: the visible GPU's)")
+    do.add_argument("--prompt-tokens", type=_at_least(1), default=None)
+    do.add_argument("--selftest", action="store_true",
+                    help="all-reduce, barrier and broadcast between 2 local processes, timed (no config needed)")
+    do.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                    help="selftest backend (default: nccl on GPUs)")
+    do.add_argument("config", nargs="?")
+    do.add_argument("overrides", nargs="*")
+    do.set_defaults(fn=_doctor)
+
+    en = sub.add_parser("env", help="versions, devices, CPU bf16, backends, accelerate config, NCCL/MASTER variables")
+    en.set_defaults(fn=_env)
 
     sl = sub.add_parser("slurm", help="write an sbatch script (one task per node, srun + accelerate launch)")
     sl.add_argument("--strategy", default="zero2", choices=["ddp", "fsdp", "zero1", "zero2", "zero3"])
