@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stagewise-installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: demo tool-demo tau2-demo test gpu-check vllm bench bench-vllm bench-sft bench-prefix sft-sweep clean
+.PHONY: demo tool-demo tau2-demo test gpu-check vllm bench bench-vllm bench-sft bench-prefix bench-strategies sft-sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-vllm: $(VLLM_STAMP)
 # shared-prefix training vs the plain forward on tau2 airline batches (SFT and GRPO's training phase)
 bench-prefix: $(STAMP)
 	$(BIN)/python benchmarks/shared_prefix.py
+
+# single / DDP / ZeRO-1-3 / ZeRO-3 + offload / FSDP2 on 2 processes: speed, and memory predicted vs measured
+bench-strategies: $(STAMP)
+	$(BIN)/python benchmarks/strategies.py
 
 bench-sft: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

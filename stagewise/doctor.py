@@ -64,8 +64,11 @@ class Context:
     def domains(self) -> tuple[list, list[str]]:
         """(the domains that could be built, one problem line per domain that could not)."""
         if "domains" not in self.cache:
+            import stagewise.builtins  # noqa: F401  (the built-in domains, as preflight registers them)
+            from stagewise.continual.preflight import import_plugins
             from stagewise.domains.base import build_domain
 
+            import_plugins(self.cfg)
             built, problems = [], []
             for i, spec in enumerate(self.cfg.domains):
                 try:

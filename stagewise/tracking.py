@@ -109,7 +109,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.05, device=None):
         """device: the run's device (CUDA peak only when the run computes on a GPU: a ``dist.cpu``
         run on a GPU machine measures host memory); None: the current CUDA device if any."""
-        self.interval, self.mb, self.device = interval, 0.0, device
+        self.interval, self.mb, self.base_mb, self.device = interval, 0.0, 0.0, device
         self._stop = None
 
     @staticmethod
@@ -132,9 +132,10 @@ class PeakMemory:
         self.cuda = torch.cuda.is_available() if self.device is None else torch.device(self.device).type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
             return self
         self._stop = threading.Event()
-        self.mb = self.rss_mb()
+        self.mb = self.base_mb = self.rss_mb()
 
         def sample():
             while not self._stop.wait(self.interval):

@@ -93,8 +93,14 @@ class StageRun:
         self.kind = job.stage.kind
         self.micro_batch, self.accumulation, self.total_steps = micro_batch, accumulation, total_steps
         self.optim_cfg = job.part("optim")
-        self.strategy = build_strategy(job, build_module, micro_batch=micro_batch, accumulation=accumulation,
-                                       optimizer_steps=optimizer_steps or total_steps)
+        # from before the model exists: the stage's own memory is its peak less this base
+        self._peak = PeakMemory(device="cpu" if runtime.on_cpu(self.cfg.dist) else None).start()
+        try:
+            self.strategy = build_strategy(job, build_module, micro_batch=micro_batch, accumulation=accumulation,
+                                           optimizer_steps=optimizer_steps or total_steps)
+        except BaseException:
+            self._peak.stop()  # its sampling thread ends with the stage that failed to start
+            raise
         acc = self.strategy.acc
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         print0(f"[stagewise] {job.label}: {runtime.describe(acc, self.cfg.dist.strategy, micro_batch, accumulation)}"
@@ -110,7 +116,6 @@ class StageRun:
         self._probe: dict = {}  # the dtype of the stage's first training forward (logged once)
         self._bar = StepProgress(total_steps, f"stage {job.index + 1} {job.name} ({self.kind})",
                                  self.cfg.logging.progress, start=self.counters.step)
-        self._peak = PeakMemory(device=self.device).start()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -237,7 +242,12 @@ class StageRun:
         """Collective. Export the stage's model (fp32 weights, the next stage starts from it)."""
         peak = self._close()
         job = self.job
-        job.tracker.log({"stage": job.index + 1, "stage_peak_memory_mb": peak},
+        per_rank = gather_rows(torch.tensor([[peak, self._peak.base_mb]], device=self.device)).cpu().tolist()
+        job.tracker.log({"stage": job.index + 1, "stage_peak_memory_mb": peak,
+                         # per rank: the peak (RSS on CPU, allocator peak on GPU) and what the process
+                         # held before the stage's model existed (benchmarks/strategies.py: peak - base)
+                         "stage_peak_memory_mb_per_rank": [row[0] for row in per_rank],
+                         "stage_base_memory_mb_per_rank": [row[1] for row in per_rank]},
                         step=job.global_step_offset + self.total_steps)
         out = job.out_dir / "model"
         export_model(self.strategy, tokenizer, out, init_path=job.init_path, model_cfg=self.cfg.model,

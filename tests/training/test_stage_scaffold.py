@@ -52,3 +52,19 @@ def test_a_stage_kind_on_the_scaffold_stops_checkpoints_and_resumes_on_two_proce
     # the stage trained nothing: its export is the weights it started from, whole and in fp32
     final, base = load_weights(out / "final_model"), load_weights(tiny_model_dir)
     assert all(torch.equal(final[k], base[k]) for k in base)
+
+
+def test_each_ranks_peak_and_base_memory_are_logged_at_the_stage_end(tiny_model_dir, tmp_path):
+    """What benchmarks/strategies.py compares with the planner: per rank, the stage's peak and what the
+    process held before the stage's model existed (the model and optimizer come after the base)."""
+    import json
+
+    from stagewise.continual.curriculum import run_curriculum
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", stages=1, steps=1)
+    run_curriculum(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    end = next(r for r in rows if "stage_peak_memory_mb_per_rank" in r)
+    (peak,), (base,) = end["stage_peak_memory_mb_per_rank"], end["stage_base_memory_mb_per_rank"]
+    assert 0 < base < peak and peak == end["stage_peak_memory_mb"]
