@@ -137,6 +137,17 @@ def load_model_config(path: str, trust_remote_code: bool = False):
                              f"the local HF cache") from None
 
 
+def import_model_class(path: str, trust_remote_code: bool = False) -> type:
+    """The model's class, imported (with transformers' modelling code, ~180 MB of a process's memory
+    the first time) without building the model: a stage measures its own memory from after this."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(path, trust_remote_code)
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    return AutoModelForCausalLM  # remote code: resolved when the model is built
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -38,7 +38,7 @@ import torch
 from stagewise import faults
 from stagewise.checkpoint import agreed_checkpoint, export_model, load_checkpoint, save_checkpoint
 from stagewise.errors import TrainingError
-from stagewise.models import load_model_config, partitioned_init
+from stagewise.models import import_model_class, load_model_config, partitioned_init
 from stagewise.optim import make_adamw, make_scheduler
 from stagewise.parallel import runtime
 from stagewise.parallel.collectives import gather_rows
@@ -93,7 +93,8 @@ class StageRun:
         self.kind = job.stage.kind
         self.micro_batch, self.accumulation, self.total_steps = micro_batch, accumulation, total_steps
         self.optim_cfg = job.part("optim")
-        # from before the model exists: the stage's own memory is its peak less this base
+        # from before the model exists (its code imported): the stage's own memory is its peak less this base
+        import_model_class(job.init_path, self.cfg.model.trust_remote_code)
         self._peak = PeakMemory(device="cpu" if runtime.on_cpu(self.cfg.dist) else None).start()
         try:
             self.strategy = build_strategy(job, build_module, micro_batch=micro_batch, accumulation=accumulation,
