@@ -128,50 +128,48 @@ def _launch(args) -> int:
 
 
 def _plan(args) -> int:
-    from stagewise.config import load_config
     from stagewise.continual.preflight import check_config
-    from stagewise.domains.base import build_domain
+    from stagewise.doctor import Context, Launch
     from stagewise.planning.plan import GIB, plan_run, recommend
-    from stagewise.planning.prompts import environment_names, measure_prompts
-    from stagewise.planning.shapes import model_shape, read_model_config
+    from stagewise.planning.prompts import environment_names
     from stagewise.planning.tables import format_plans, format_recommendation, parse_memory
 
-    world = args.num_processes * args.num_machines
-    overrides = list(args.overrides) + ([f"dist.strategy={args.strategy}"] if args.strategy else []) \
-        + ([f"dist.offload={args.offload}"] if args.offload else [])
-    cfg = load_config(args.config, overrides)
-    check_config(cfg, world)
-    device_memory = parse_memory(args.device_memory) if args.device_memory else _visible_device_memory()
-    config = read_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    lora = cfg.model.lora
-    shape = model_shape(config, cfg.model.name_or_path, lora.r if lora else 0,
-                        tuple(lora.target_modules) if lora else ())
-    domains = []
-    for i, spec in enumerate(cfg.domains):  # a domain whose data is not here yet (demonstrations) is planned without it
-        try:
-            domains.append(build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}"))
-        except StagewiseError as e:
-            print(f"[stagewise] plan: domains.{spec.name} not built ({_first_line(e)[:160]}): planned as single-turn")
-    environments = environment_names(domains)
-    prompt_tokens = args.prompt_tokens
-    if prompt_tokens is None:  # RL rows and evaluation start from the domains' prompts
-        prompt_tokens, note = measure_prompts(cfg, domains)
-        if prompt_tokens is None:
-            prompt_tokens = 1024
-            note += f"; planned with {prompt_tokens} prompt tokens (--prompt-tokens N to set)"
-        print(f"[stagewise] plan: {note}")
+    cfg = _config_with_strategy(args)
+    launch = Launch(processes=args.num_processes, machines=args.num_machines, prompt_tokens=args.prompt_tokens,
+                    device_memory=parse_memory(args.device_memory) if args.device_memory else None)
+    check_config(cfg, launch.world)
+    ctx = Context(cfg, launch)
+    config, shape = ctx.shape()
+    domains, problems = ctx.domains()
+    for problem in problems:  # data not here yet (demonstrations to make first): planned without it
+        print(f"[stagewise] plan: {problem}: planned as a single-turn domain")
+    prompt_tokens, note = ctx.prompt_tokens()  # RL rows and evaluation start from the domains' prompts
+    if prompt_tokens is None:
+        prompt_tokens = 1024
+        note += f"; planned with {prompt_tokens} prompt tokens (--prompt-tokens N to set)"
+    print(f"[stagewise] plan: {note}")
     print(f"[stagewise] plan: {shape.name}: {shape.params / 1e9:.3f} B parameters"
           f"{f' ({shape.trainable / 1e6:.1f} M trainable, LoRA)' if shape.lora_params else ''}, "
-          f"{shape.layers} layers, vocabulary {shape.vocab}; {world} process(es)")
+          f"{shape.layers} layers, vocabulary {shape.vocab}; {launch.world} process(es)")
+    device_memory = ctx.device_memory()
     if args.recommend:
         memory = device_memory or 80 * GIB
         print(format_recommendation(recommend(cfg, shape, config, device_memory=memory, prompt_tokens=prompt_tokens,
-                                              environments=environments), memory))
+                                              environments=environment_names(domains)), memory))
         return 0
-    plans = plan_run(cfg, shape, config, world=world, prompt_tokens=prompt_tokens, environments=environments,
-                     device_memory=device_memory)
+    plans = plan_run(cfg, shape, config, world=launch.world, prompt_tokens=prompt_tokens,
+                     environments=environment_names(domains), device_memory=device_memory)
     print(format_plans(plans, device_memory))
     return 0
+
+
+def _config_with_strategy(args):
+    """The config with the command's --strategy / --offload applied (plan, doctor)."""
+    from stagewise.config import load_config
+
+    overrides = list(args.overrides) + ([f"dist.strategy={args.strategy}"] if args.strategy else []) \
+        + ([f"dist.offload={args.offload}"] if args.offload else [])
+    return load_config(args.config, overrides)
 
 
 def _env(args) -> int:
@@ -204,7 +202,6 @@ def _refuse_on_problems(cfg, launch, skip=()) -> None:
 
 
 def _doctor(args) -> int:
-    from stagewise.config import load_config
     from stagewise.doctor import Launch, diagnose, selftest
     from stagewise.planning.tables import parse_memory
 
@@ -213,9 +210,7 @@ def _doctor(args) -> int:
     else:
         if not args.config:
             raise StagewiseError("doctor: give a CONFIG (or --selftest)")
-        overrides = list(args.overrides) + ([f"dist.strategy={args.strategy}"] if args.strategy else []) \
-            + ([f"dist.offload={args.offload}"] if args.offload else [])
-        cfg = load_config(args.config, overrides)
+        cfg = _config_with_strategy(args)
         findings = diagnose(cfg, Launch(processes=args.num_processes, machines=args.num_machines,
                                         machine_rank=args.machine_rank, main_ip=args.main_process_ip,
                                         main_port=args.main_process_port, prompt_tokens=args.prompt_tokens,
