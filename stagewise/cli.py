@@ -193,7 +193,11 @@ def _refuse_on_problems(cfg, launch, skip=()) -> None:
     from stagewise.doctor import diagnose
     from stagewise.errors import ConfigError
 
-    failed = [f for f in diagnose(cfg, launch, skip=skip) if not f.ok]
+    findings = diagnose(cfg, launch, skip=skip)
+    for f in findings:
+        if f.warn:
+            print(f"warning: {f.check}: {f.message}", file=sys.stderr)
+    failed = [f for f in findings if not f.ok]
     if failed:
         lines = [f.message if f.check == "config" else f"{f.check}: {f.message}" for f in failed]
         for line in lines[:-1]:
@@ -217,8 +221,8 @@ def _doctor(args) -> int:
                                         device_memory=parse_memory(args.device_memory) if args.device_memory else None))
     for f in findings:
         print(f.line())
-    failed = sum(not f.ok for f in findings)
-    print(f"{failed} problem(s)" if failed else "no problems found")
+    failed, warned = sum(not f.ok for f in findings), sum(f.warn for f in findings)
+    print((f"{failed} problem(s)" if failed else "no problems found") + (f", {warned} warning(s)" if warned else ""))
     return 1 if failed else 0
 
 

@@ -32,9 +32,10 @@ class Finding:
     ok: bool
     message: str  # what was checked, or the problem and its fix ("... -> fix")
     skipped: bool = False
+    warn: bool = False  # worth a look, but runs can be right to do it (ok stays True: nothing is refused)
 
     def line(self) -> str:
-        status = "skip" if self.skipped else ("ok  " if self.ok else "FAIL")
+        status = "skip" if self.skipped else "warn" if self.warn else ("ok  " if self.ok else "FAIL")
         return f"{status} {self.check}: {self.message}"
 
 
@@ -172,8 +173,10 @@ def check_rendezvous(ctx: Context) -> list[Finding]:
         return [Finding("rendezvous", True, "one machine (local rendezvous)")]
     out = []
     if launch.main_ip in ("127.0.0.1", "localhost", "0.0.0.0"):
-        out.append(Finding("rendezvous", False, f"{launch.machines} machines but --main-process-ip {launch.main_ip}: "
-                                                "the other machines cannot reach it -> the main machine's address"))
+        # right for "machines" on one host (a loopback test of a multi-node launch), wrong across hosts
+        out.append(Finding("rendezvous", True, f"{launch.machines} machines but --main-process-ip {launch.main_ip}: "
+                                               "machines on other hosts cannot reach it -> the main machine's "
+                                               "address", warn=True))
     else:
         try:
             socket.getaddrinfo(launch.main_ip, launch.main_port)
@@ -202,9 +205,9 @@ def check_rendezvous(ctx: Context) -> list[Finding]:
 def check_timeout(ctx: Context) -> list[Finding]:
     timeout = ctx.cfg.dist.timeout_s
     if ctx.launch.world > 1 and timeout < 300:
-        return [Finding("timeout", False, f"dist.timeout_s={timeout}: ranks wait at a barrier while the main process "
-                                          f"writes a checkpoint or evaluates; a slow one then kills the run -> "
-                                          f"dist.timeout_s=1800")]
+        return [Finding("timeout", True, f"dist.timeout_s={timeout}: ranks wait at a barrier while the main process "
+                                         f"writes a checkpoint or evaluates; a slow one then kills the run -> "
+                                         f"dist.timeout_s=1800", warn=True)]
     return [Finding("timeout", True, f"collective timeout {timeout} s")]
 
 
