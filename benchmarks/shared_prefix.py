@@ -161,6 +161,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--conversations", type=int, default=8, help="conversations (episodes) per step")
     p.add_argument("--steps", type=int, default=2, help="steps per variant; the first is not timed")
+    p.add_argument("--workloads", default="sft,grpo", help="which to measure: sft, grpo or both")
     p.add_argument("--worker", choices=["sft", "grpo"])
     p.add_argument("--shared", action="store_true")
     p.add_argument("--micro", type=int, default=8)
@@ -179,7 +180,7 @@ def main() -> None:
     lengths = [len(e.prompt) + len(e.tokens) for e in episodes]
     results = []
     for workload, shared, micro, checkpointing in VARIANTS:
-        if micro > a.conversations:
+        if micro > a.conversations or workload not in a.workloads.split(","):
             continue
         out = tmp / f"{workload}-{shared}-{micro}-{checkpointing}.json"
         print(f"[bench] {workload}, {'shared prefix' if shared else 'plain'}, micro-batch {micro}"
