@@ -54,6 +54,7 @@ def tau2_raw(tmp: Path, demos: Path) -> dict:
 def oracle_episodes(n: int, demos: Path | None = None):
     """The oracle's passing episodes on the first airline training tasks (and, with ``demos``, the
     same as a demonstrations file)."""
+    import stagewise.builtins  # noqa: F401  (the tau2 domains)
     from stagewise.config import load_config
     from stagewise.demos import ScriptedAgent, episode_record
     from stagewise.domains.base import build_domain
