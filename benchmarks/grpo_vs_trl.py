@@ -78,7 +78,7 @@ def worker_stagewise(a) -> dict:
         "optim": {"lr": 1e-5, "schedule": "constant", "max_grad_norm": 1.0},
         "dist": {"mixed_precision": "bf16" if a.precision == "bf16" else "no"},
         "eval": {"before_first_stage": False, "max_new_tokens": 4},
-        "logging": {"progress": False, "tensorboard": False},
+        "logging": {"progress": False, "report_to": []},
         "stages": [{"domains": ["bench"], "steps": a.steps}],
     }
     run_curriculum(load_config(raw=raw))

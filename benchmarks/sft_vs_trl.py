@@ -69,7 +69,7 @@ def worker_stagewise(a) -> dict:
            "sft": {"batch_size": a.batch, "micro_batch_size": a.batch, "max_seq_len": a.max_len, "packing": True},
            "optim": {"lr": 1e-4, "schedule": "constant", "max_grad_norm": 1.0},
            "dist": {"mixed_precision": "bf16"}, "eval": {"before_first_stage": False, "held_out_loss": False},
-           "logging": {"progress": False, "tensorboard": False},
+           "logging": {"progress": False, "report_to": []},
            "stages": [{"kind": "sft", "domains": ["d"], "steps": a.steps}]}
     run_curriculum(load_config(raw=raw))
     rows = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -96,7 +96,7 @@ def worker_sft(a) -> dict:
     raw["model"]["gradient_checkpointing"] = a.checkpointing
     raw.update({"optim": {"lr": 1e-5, "schedule": "constant"}, "dist": {"mixed_precision": "bf16"},
                 "eval": {"before_first_stage": False, "held_out_loss": False},
-                "logging": {"progress": False, "tensorboard": False}})
+                "logging": {"progress": False, "report_to": []}})
     raw["stages"] = [{"kind": "sft", "domains": ["airline_demos"], "steps": a.steps}]
     run_curriculum(load_config(raw=raw))
     rows = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]

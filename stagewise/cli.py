@@ -5,7 +5,8 @@
     stagewise sweep CONFIG [--only a,b] [key=value ...]      # every named ablation, compared
     stagewise launch --strategy S --num-processes N [...] CONFIG [key=value ...]
     stagewise slurm --nodes N --gpus-per-node G CONFIG [key=value ...] > job.sbatch
-    stagewise report OUTPUT_DIR
+    stagewise report OUTPUT_DIR [--baseline FILE.json ...]   # + rows of `stagewise eval`, labelled
+    stagewise eval CONFIG --model PATH [--domains a,b] [--trials k] [--out FILE.json] [--num-processes N]
     stagewise demos CONFIG --domain NAME --agent oracle|model|endpoint --out FILE.jsonl   # SFT demonstrations
     stagewise plan CONFIG [--num-processes N] [--device-memory 80GB] [--recommend] [key=value ...]
     stagewise doctor CONFIG [launch options] [key=value ...] | doctor --selftest   # every check before a long run
@@ -100,7 +101,23 @@ def _report(args) -> int:
 
     out = Path(args.output_dir)
     cfg = load_config(out / "config.yaml")
+    if args.baseline:
+        from stagewise.report import add_baselines
+
+        print(f"baselines: {', '.join(add_baselines(out, args.baseline, [d.name for d in cfg.domains]))}")
     print(write_report(out, cfg, [d.name for d in cfg.domains]))
+    return 0
+
+
+def _eval(args) -> int:
+    from stagewise.continual.evaluate_model import check_request, evaluate_model, relaunch
+    from stagewise.parallel.runtime import world_size_from_env
+
+    request = check_request(args.config, args.overrides, model=args.model, domains=args.domains, trials=args.trials,
+                            name=args.name, out=args.out)  # every one-line refusal, before any model loads
+    if args.num_processes > 1 and world_size_from_env() == 1:
+        return relaunch(request, args.num_processes)
+    evaluate_model(request)
     return 0
 
 
@@ -302,7 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rewrite report.md and plots of an output directory")
     rep.add_argument("output_dir")
+    rep.add_argument("--baseline", action="append", default=[], metavar="FILE.json",
+                     help="a `stagewise eval --out` result: kept in OUTPUT_DIR/baselines/, shown as a labelled row")
     rep.set_defaults(fn=_report)
+
+    ev = sub.add_parser("eval", help="the config's held-out evaluation (one matrix row) of any model: table, JSON")
+    ev.add_argument("config")
+    ev.add_argument("--model", help="model dir, .gguf, bundled:... or hub id (default: the config's model)")
+    ev.add_argument("--domains", help="comma-separated domain names of the config (default: all)")
+    ev.add_argument("--trials", type=_at_least(1), default=None, help="episodes per environment task (eval.trials)")
+    ev.add_argument("--name", help="the row's label (default: --model)")
+    ev.add_argument("--out", help="write the row as JSON here (for `stagewise report RUN --baseline`)")
+    ev.add_argument("--num-processes", type=_at_least(1), default=1,
+                    help="evaluate on N local processes (relaunches itself under accelerate launch)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. eval.max_new_tokens=64")
+    ev.set_defaults(fn=_eval)
 
     de = sub.add_parser("demos", help="write successful episodes of a domain as chat SFT records (demonstrations)")
     de.add_argument("config")

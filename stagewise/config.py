@@ -200,8 +200,25 @@ class DistConfig(_Part):
 
 
 class RewardSpec(_Part):
-    name: str
+    # name: a registered reward; with fn, the name it is logged under (reward/<name>; default: its __name__)
+    name: str | None = None
+    # "package.module:function": a batched reward function in TRL's form (stagewise/reward_functions.py),
+    # imported by preflight before any model loads
+    fn: str | None = None
     weight: float = 1.0
+
+    @field_validator("fn")
+    @classmethod
+    def _module_and_function(cls, v: str | None) -> str | None:
+        if v is not None and not all(v.partition(":")[::2]):
+            raise ValueError(f"{v!r} is not 'package.module:function'")
+        return v
+
+    @model_validator(mode="after")
+    def _name_or_fn(self) -> RewardSpec:
+        if self.name is None and self.fn is None:
+            raise ValueError("give name (a registered reward) or fn ('package.module:function')")
+        return self
 
 
 class DomainSpec(_Part):
@@ -251,11 +268,38 @@ class EvalConfig(_Part):
     engine: Literal["local", "vllm"] | None = None
 
 
+# experiment trackers (stagewise/trackers.py); each but tensorboard is an extra: pip install 'stagewise[wandb]'
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
 class LoggingConfig(_Part):
     log_every: int = Field(1, gt=0)
-    tensorboard: bool = True
+    # where rank 0 reports metrics, the config, the accuracy matrix and the report's plots, as one run
+    # across all stages (metrics.jsonl is always written); [] for none
+    report_to: list[TrackerName] = ["tensorboard"]
+    project: str = "stagewise"  # the W&B / trackio project and MLflow experiment; the run is named `name`
     progress: bool = True
     dump_rollouts: bool = False  # rank 0 appends every completion, reward and advantage to rollouts.jsonl
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tensorboard_key(cls, data):
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("the key tensorboard was replaced by report_to, a list of trackers "
+                             "(report_to: [tensorboard], or [] for none)")
+        return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v  # `logging.report_to=wandb` on the command line
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("name each tracker once")
+        return v
 
 
 class CheckpointConfig(_Part):
@@ -427,16 +471,21 @@ def validate(raw: dict) -> RunConfig:
         raise ConfigError(_first_error(e)) from None
 
 
+def read_config(path: str | Path) -> dict:
+    """A config file's raw mapping (not validated), or one line saying why it cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), ablation: str | None = None,
                 raw: dict | None = None) -> RunConfig:
     if raw is None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = read_config(path)
     return validate(resolve_raw(raw, overrides, ablation))
 
 

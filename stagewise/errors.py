@@ -27,3 +27,8 @@ class TrainingError(StagewiseError):
     """Training cannot go on (e.g. repeated non-finite losses); the message names stage and step."""
 
     exit_code = 1
+
+
+class RewardError(StagewiseError):
+    """A reward function raised, or returned something other than one float or None per completion;
+    the message names the function and its domain (the user's code, not stagewise's)."""

@@ -103,8 +103,10 @@ def evaluate_domain(generator, tokenizer, domain: Domain, *, max_new_tokens: int
         chunk = chunk + [domain.eval[0]] * (max(1, real) - real)
         index = [rank + world * (i * per_batch + j) for j in range(len(chunk))]  # the tasks' places in domain.eval
         seeds = None if trials == 1 else [evaluation_seed(seed, x, t) for x in index for t in range(trials)]
+        # accuracy is the domain's metric alone: its training rewards (a TRL function that reads
+        # trainer_state, say) are not called here
         episodes = run_episodes(generator, tokenizer, [(domain, ex) for ex in chunk], group_size=trials, seeds=seeds,
-                                params=params, limits=limits)
+                                params=params, limits=limits, metric_only=True)
         for j in range(real):
             group = episodes[j * trials:(j + 1) * trials]
             wins = [domain.succeeded(e.parts) for e in group]

@@ -1,11 +1,17 @@
 """report.md and PNG plots from an output directory (metrics.jsonl + curriculum.json).
 
     stagewise report runs/three_domains      # (re)write the report of a finished run
+    stagewise report runs/three_domains --baseline smollm2.json   # + a `stagewise eval` row, labelled
+
+Baselines are kept in ``<run>/baselines/<name>.json`` (so every later report shows them) and appear
+in the matrices' tables as rows of their own, below the run's; the continual-learning metrics are the
+run's alone.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +20,57 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stagewise.continual.metrics import continual_metrics, loss_metrics  # noqa: E402
+from stagewise.continual.model_card import matrix_table, row_labels  # noqa: E402
+from stagewise.errors import StagewiseError  # noqa: E402
+
+BASELINES = "baselines"
+
+
+def add_baselines(out: Path, paths: list[str], domain_names: list[str]) -> list[str]:
+    """Copy `stagewise eval` JSON files into the run's baselines/ (by their name; all checked before
+    any is copied); -> their names."""
+    found = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise StagewiseError(f"--baseline {path}: file not found")
+        try:
+            data = json.loads(p.read_text())
+        except ValueError:
+            raise StagewiseError(f"--baseline {path}: not JSON (write one with `stagewise eval ... --out`)") from None
+        missing = [k for k in ("name", "domains", "accuracy", "loss") if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise StagewiseError(f"--baseline {path}: not a `stagewise eval` result (no {missing[0]!r})")
+        if not set(data["domains"]) & set(domain_names):
+            raise StagewiseError(f"--baseline {path}: evaluates none of the run's domains (it has "
+                                 f"{', '.join(data['domains'])}; the run {', '.join(domain_names)})")
+        found.append(data)
+    for data in found:
+        (out / BASELINES).mkdir(exist_ok=True)
+        file = out / BASELINES / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', data['name'])}.json"
+        file.write_text(json.dumps(data, indent=2) + "\n")
+    return [data["name"] for data in found]
+
+
+def read_baselines(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / BASELINES).glob("*.json"))]
+
+
+def baseline_differences(baseline: dict, cfg, domain_names: list[str]) -> list[str]:
+    """What the baseline was evaluated with that differs from the run: other held-out tasks (seed,
+    a domain's spec) or other decoding / scoring (eval, dist.mixed_precision) make its row another test."""
+    theirs = baseline.get("config") or {}
+    ours = cfg.model_dump(mode="json", exclude={"ablations"})
+    diffs = ["seed"] if "seed" in theirs and theirs["seed"] != ours["seed"] else []
+    skip = {"before_first_stage"}  # when the run evaluates, not how
+    diffs += [f"eval.{k}" for k, v in ours["eval"].items() if k not in skip and k in theirs.get("eval", {})
+              and theirs["eval"][k] != v]
+    if "dist" in theirs and theirs["dist"].get("mixed_precision") != ours["dist"]["mixed_precision"]:
+        diffs.append("dist.mixed_precision")
+    specs = {d["name"]: d for d in theirs.get("domains", [])}
+    diffs += [f"domains.{d['name']}" for d in ours["domains"]
+              if d["name"] in domain_names and d["name"] in specs and specs[d["name"]] != d]
+    return diffs
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -73,8 +130,11 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
     n = len(cfg.stages)
     present = [k for k in range(n + 1) if str(k) in state["rows"]]
     R = [state["rows"][str(k)] for k in present]
-    all_labels = ["base"] + [f"after {i + 1}: {'+'.join(s.domains)}" for i, s in enumerate(cfg.stages)]
+    all_labels = row_labels(cfg)
     labels = [all_labels[k] for k in present]
+    baselines = read_baselines(out)  # rows of their own: never part of R, L or their metrics
+    base_acc = [(f"*baseline: {b['name']}*", [b["accuracy"].get(d) for d in domain_names]) for b in baselines]
+    base_loss = [(f"*baseline: {b['name']}*", [b["loss"].get(d) for d in domain_names]) for b in baselines]
     L = [state.get("loss_rows", {}).get(str(k)) or [None] * len(domain_names) for k in present]
     has_acc = any(x is not None for row in R for x in row)
     has_loss = any(x is not None for row in L for x in row)
@@ -98,20 +158,24 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
           f"Model `{cfg.model.name_or_path}`, {n} stage(s), seed {cfg.seed}, strategy `{cfg.dist.strategy}`"
           + (f", ablation `{cfg.ablation}`" if cfg.ablation else "") + ". Resolved config: `config.yaml`.", "",
           ]
-    if has_acc:
+    if has_acc or any(x is not None for _, row in base_acc for x in row):
         md += ["## Accuracy matrix (greedy decoding, held-out prompts)", "",
-               "| after | " + " | ".join(domain_names) + " |", "|---|" + "---:|" * len(domain_names)]
-        md += [f"| {lab} | " + " | ".join(fmt(x) for x in row) + " |" for lab, row in zip(labels, R)]
-        md += ["", "![accuracy matrix](accuracy_matrix.png)", ""]
-    if has_loss:
+               *matrix_table(domain_names, list(zip(labels, R)) + base_acc), ""]
+        md += ["![accuracy matrix](accuracy_matrix.png)", ""] if has_acc else []
+    if has_loss or any(x is not None for _, row in base_loss for x in row):
         md += ["## Held-out loss matrix (mean NLL of the answers' tokens; perplexity = exp)", "",
-               "| after | " + " | ".join(domain_names) + " |", "|---|" + "---:|" * len(domain_names)]
-        md += [f"| {lab} | " + " | ".join(fmt(x) for x in row) + " |" for lab, row in zip(labels, L)]
-        md += ["", "![loss matrix](loss_matrix.png)", ""]
+               *matrix_table(domain_names, list(zip(labels, L)) + base_loss), ""]
+        md += ["![loss matrix](loss_matrix.png)", ""] if has_loss else []
         if lossm:
             md += ["| loss metric | value |", "|---|---:|"]
             md += [f"| {k} | {fmt(v)} |" for k, v in lossm.items()]
             md += ["", "loss_BWT < 0 / loss_forgetting > 0: held-out loss of earlier stages' domains rose.", ""]
+    if baselines:
+        md += ["Rows in *italics* are baselines: other models evaluated by `stagewise eval` (`baselines/`). They "
+               "are not rows of the run's matrices, and the continual-learning metrics do not use them.", ""]
+        notes = [f"- *{b['name']}* was evaluated with another {', '.join(diffs)} than this run: not the same test"
+                 for b in baselines if (diffs := baseline_differences(b, cfg, domain_names))]
+        md += notes + ([""] if notes else [])
     details = state.get("detail_rows", {})
     for dom in [d for d in domain_names if any(dom_details.get(d) for dom_details in details.values())]:
         keys = list(dict.fromkeys(k for k_row in present for k in details.get(str(k_row), {}).get(dom, {})))

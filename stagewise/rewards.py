@@ -1,7 +1,9 @@
 """Reward functions: pure ``(completion_text, example) -> float``, registered by name.
 
 A domain lists the rewards it uses with weights (``domains[i].rewards``); the GRPO loop logs
-each function's mean and std separately and trains on the weighted sum.
+each function's mean and std separately (``reward/<name>``) and trains on the weighted sum. They
+are called through the batched form of TRL's reward functions (``reward_functions.per_sample``),
+which a domain may also list directly (``fn: "my_pkg.rewards:accuracy"``).
 """
 
 from __future__ import annotations
@@ -60,5 +62,5 @@ def only_answer(text: str, example: dict) -> float:
     """
     nums = numbers_in(text)
     ans = float(example["answer"])
-    others = [float(o) for o in example.get("options", []) if float(o) != ans]
+    others = [float(o) for o in example.get("options") or [] if float(o) != ans]  # None: a record without options
     return float(any(abs(n - ans) < 1e-6 for n in nums) and not any(abs(n - o) < 1e-6 for n in nums for o in others))

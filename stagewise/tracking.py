@@ -1,12 +1,14 @@
-"""Rank-0 helpers, progress, metrics.jsonl and TensorBoard — the only place that prints or logs.
+"""Rank-0 helpers, progress, metrics.jsonl and the experiment trackers — the only place that prints or logs.
 
     print0("hello")                       # main process only
-    tracker = Tracker(out_dir, tensorboard=True, config=cfg_dict)
-    tracker.log({"reward": 0.4}, step=3)  # metrics.jsonl (+ TensorBoard) on rank 0; no-op elsewhere
+    tracker = Tracker(out_dir, report_to=["tensorboard", "wandb"], config=cfg_dict, name="run")
+    tracker.log({"reward": 0.4}, step=3)  # metrics.jsonl + every tracker on rank 0; no-op elsewhere
+    tracker.table("eval/accuracy_matrix", ["after", "add"], [["base", 0.1]], step=0)
+    tracker.close(failed=False)           # runtime.end_run, on every exit path
     with PeakMemory() as peak: ...        # peak.mb: the most memory held during the block
 
-The TensorBoard writer is our own (torch.utils.tensorboard), not an accelerate tracker: a run uses
-one Accelerator per stage (each stage its own batch shape), while the log spans the whole run.
+The trackers (accelerate's classes, trackers.py) belong to this object, not to an Accelerator: a run
+uses one Accelerator per stage (each stage its own batch shape), while the log spans the whole run.
 """
 
 from __future__ import annotations
@@ -52,34 +54,47 @@ def show0(*renderables) -> None:
         _console.print(*renderables)
 
 
+def _plain(v):
+    """A tensor / numpy scalar as a Python number; NaN and inf as None (JSON has neither)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _clean(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        out[k] = v
-    return out
+    return {k: _plain(v) for k, v in metrics.items()}
 
 
 class Tracker:
-    """Appends one JSON object per call to ``metrics.jsonl`` and writes the numbers to TensorBoard
-    (``output_dir/tb``), on the main process only."""
+    """Appends one JSON object per call to ``metrics.jsonl`` and reports the numbers to every tracker of
+    ``report_to`` (trackers.py), on the main process only. The trackers' run ids are kept in
+    ``trackers.json``, so that ``--resume`` continues the same runs.
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, config: dict | None = None):
+    Open it once the run's process state exists (runtime.start_run): accelerate's trackers log through
+    accelerate's logger, which needs it."""
+
+    def __init__(self, output_dir: str | Path, report_to=("tensorboard",), config: dict | None = None, *,
+                 name: str = "run", project: str = "stagewise", resume: bool = False):
+        from stagewise.trackers import open_tracker
+
         self.main = is_main()
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.writer = None
-        if self.main and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
-                if config:
-                    self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(config).items()))
-            except Exception as e:  # noqa: BLE001  (tensorboard missing or unwritable: keep training, say why)
-                print0(f"[stagewise] TensorBoard disabled: {e}")
+        self.trackers: dict = {}
+        self._warned: set[tuple[str, str]] = set()
+        if not self.main:
+            return
+        ids_path = Path(output_dir) / "trackers.json"
+        ids = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
+        flat = flat_config(config or {})
+        try:
+            for kind in report_to:
+                self.trackers[kind] = open_tracker(kind, Path(output_dir), name=name, project=project,
+                                                   config=flat, resume_id=ids.get(kind))
+        except BaseException:
+            self.close(failed=True)  # the ones already started end now: the caller never gets this object
+            raise
+        ids_path.parent.mkdir(parents=True, exist_ok=True)
+        ids_path.write_text(json.dumps({k: t.run_id for k, t in self.trackers.items() if t.run_id}, indent=1))
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if not self.main:
@@ -89,16 +104,40 @@ class Tracker:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
-                    self.writer.add_scalar(k, v, global_step=step)
-            self.writer.flush()
+        numbers = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
+        if numbers:
+            self._each("log", numbers, step)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        """A table (the accuracy matrix so far) at ``step``; None cells stay empty."""
+        if self.main:
+            self._each("table", key, columns, [[_plain(v) for v in row] for row in rows], step)
+
+    def images(self, paths: dict[str, Path], step: int | None = None) -> None:
+        """PNG files (the report's plots) as images, keyed by name."""
+        if self.main and paths:
+            self._each("images", paths, step)
+
+    def close(self, failed: bool = False) -> None:
+        """Finish every tracker (``failed``: the run raised; W&B and MLflow record it in the run's status).
+        One that fails to finish does not keep the others open."""
+        trackers, self.trackers = self.trackers, {}
+        for kind, t in trackers.items():
+            try:
+                t.finish(failed)
+            except Exception as e:  # noqa: BLE001  (the next tracker, and end_run, must still run)
+                print0(f"[stagewise] {kind}: could not finish its run: {type(e).__name__}: {e}")
+
+    def _each(self, method: str, *args) -> None:
+        # a tracker that fails to log (a full disk, a lost server) must not end a long run: say so once
+        for kind, t in self.trackers.items():
+            try:
+                getattr(t, method)(*args)
+            except Exception as e:  # noqa: BLE001
+                if (kind, method) not in self._warned:
+                    self._warned.add((kind, method))
+                    print0(f"[stagewise] {kind}: {method} failed, training goes on: {type(e).__name__}: {e}")
 
 
 class PeakMemory:
@@ -156,13 +195,20 @@ class PeakMemory:
             self.mb = max(self.mb, self.rss_mb())
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """``{"optim": {"lr": 1e-5}, "stages": [{"steps": 2}]}`` -> ``{"optim.lr": 1e-5, "stages.0.steps": 2}``;
+    other lists and None as JSON text, so every tracker (TensorBoard's hparams, MLflow's params) takes
+    every value."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and v:
+            out.update(flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            out.update(flat_config(dict(enumerate(v)), f"{prefix}{k}."))
         elif isinstance(v, (int, float, str, bool)):
             out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)
     return out
 
 

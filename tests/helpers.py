@@ -62,7 +62,7 @@ def encode_prompts(tokenizer, prompts: list, device="cpu"):
 
 def correct(domain, text: str, example: dict) -> bool:
     """Whether a single-turn completion counts as correct for the domain's accuracy metric."""
-    return domain.reward_fns[domain.metric](text, example) >= 1.0
+    return domain.succeeded(domain.score(text, example))
 
 
 def local_generator(model, tokenizer, **kw):

@@ -22,11 +22,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stagewise"
 LAYERS = {
     "stagewise": 0, "errors": 0, "seeds": 0, "faults": 0,
     "registry": 1, "config": 1,
-    "tracking": 2,
+    "tracking": 2, "trackers": 2,
     "models": 3, "optim": 3, "machine": 3, "parallel": 3, "lm_head": 3,
     "checkpoint": 4,
     "data": 5, "generation": 5, "prefix_sharing": 5,
-    "envs": 6, "rewards": 6,
+    "envs": 6, "rewards": 6, "reward_functions": 6,
     "domains": 7,
     "training": 8,
     "rl": 9, "sft": 9,

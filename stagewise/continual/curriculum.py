@@ -22,6 +22,7 @@ from stagewise.checkpoint import agreed_checkpoint, is_exported
 from stagewise.config import RunConfig, dump_config
 from stagewise.continual import preflight
 from stagewise.continual.metrics import continual_metrics, loss_metrics
+from stagewise.continual.model_card import write_model_card
 from stagewise.continual.run_dir import RUN_MARKER, check_output_dir, check_resume_config, load_state, save_state
 from stagewise.domains.base import Domain
 from stagewise.envs.users import set_policy_weights
@@ -81,8 +82,9 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             (out / RUN_MARKER).write_text("written by stagewise; marks this directory as a run output\n")
             dump_config(cfg, out / "config.yaml")
         barrier()
-        tracker = Tracker(out, tensorboard=cfg.logging.tensorboard,
-                          config=cfg.model_dump(mode="json", exclude={"ablations"}))
+        tracker = Tracker(out, cfg.logging.report_to, config=cfg.model_dump(mode="json", exclude={"ablations"}),
+                          name=f"{cfg.name}-{cfg.ablation}" if cfg.ablation else cfg.name,
+                          project=cfg.logging.project, resume=resume)
         skipped = {f"data_skipped/{d.name}": len(d.skipped) for d in domains if d.skipped}
         if skipped:
             tracker.log(skipped, step=0)
@@ -116,6 +118,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
         state.setdefault("detail_rows", {})[key] = details
         if dist_state.is_main_process:
             save_state(out, {**state, "samples": samples})
+            log_matrix(tracker, cfg, domains, state["rows"], step)
         barrier()
 
     offset = 0
@@ -155,9 +158,21 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
         steps = json.loads((sdir / "model" / "stagewise.json").read_text())["steps"]
         if str(i + 1) not in state["rows"]:
             evaluate(str(sdir / "model"), prev_path, str(i + 1), f"stage {i + 1}", offset + steps)
+            if dist_state.is_main_process:  # the stage's model says what it is, its row included
+                write_model_card(sdir / "model", cfg, state, [d.name for d in domains], stages_done=i + 1)
         prev_path = str(sdir / "model")
         offset += steps
-    return _finish(cfg, dist_state, state, samples, domains, prev_path, stopped, stop_after)
+    result = _finish(cfg, dist_state, state, samples, domains, prev_path, stopped, stop_after)
+    if not stopped:  # the report's plots, once they exist
+        tracker.images({f"report/{p.stem}": p for p in sorted(out.glob("*.png"))}, step=offset)
+    return result
+
+
+def log_matrix(tracker: Tracker, cfg: RunConfig, domains: list[Domain], rows: dict, step: int) -> None:
+    """The accuracy matrix so far (one row per evaluation: base, after each stage) as a table."""
+    labels = ["base"] + [f"stage {i + 1} ({'+'.join(s.domains)})" for i, s in enumerate(cfg.stages)]
+    table = [[labels[k], *rows[str(k)]] for k in range(len(labels)) if str(k) in rows]
+    tracker.table("eval/accuracy_matrix", ["after", *(d.name for d in domains)], table, step)
 
 
 def _finish(cfg: RunConfig, dist_state, state: dict, samples: dict, domains: list[Domain], final_path: str,
@@ -186,6 +201,7 @@ def _finish(cfg: RunConfig, dist_state, state: dict, samples: dict, domains: lis
             state["metrics"] = result.get("metrics")
             state["loss_metrics"] = result.get("loss_metrics")
             save_state(out, {**state, "samples": samples})
+            write_model_card(final, cfg, state, [d.name for d in domains], stages_done=len(cfg.stages))
             write_report(out, cfg, [d.name for d in domains])
             print_matrix(cfg, [d.name for d in domains], present, rows, result.get("metrics"), losses)
     elif stopped_by() is not None:

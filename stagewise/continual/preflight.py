@@ -1,7 +1,7 @@
 """Everything that can be checked before any model loads, in one place, for `run`, `continual`,
 `sweep` (every ablation, before the first runs) and `launch` alike:
 
-    check_config(cfg, world=8)            # plugins, registry names, strategy, each stage's shapes
+    check_config(cfg, world=8)            # plugins, registry names, trackers, strategy, each stage's shapes
     domains = build_domains(cfg)          # the domains, and what needs them built (rewards, SFT data)
 
 A typo then costs a second, not a model load, and is one line naming the field
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 
+from stagewise import reward_functions
 from stagewise.config import RunConfig
 from stagewise.domains.base import Domain, build_domain
 from stagewise.errors import ConfigError
 from stagewise.parallel import runtime
 from stagewise.registry import lookup, names
+from stagewise.trackers import check_installed
 from stagewise.tracking import print0
 
 
@@ -26,6 +28,7 @@ def check_config(cfg: RunConfig, world: int) -> None:
 
     import_plugins(cfg)
     check_names(cfg)
+    check_installed(cfg.logging.report_to)  # `report_to: [wandb]` without wandb: one line, no model loaded
     check_one_vllm_engine(cfg)
     runtime.check(cfg.dist, world)
     for i, stage in enumerate(cfg.stages):
@@ -43,7 +46,8 @@ def import_plugins(cfg: RunConfig) -> None:
 
 def check_names(cfg: RunConfig) -> None:
     """Every registry name the config uses exists: stage kinds, advantages, losses, rollout engines,
-    domain types (rewards are checked when the domains are built: an environment's parts are its own)."""
+    domain types, and every reward function given as ``fn:`` imports (reward names are checked when
+    the domains are built: an environment's parts are its own)."""
     for i, stage in enumerate(cfg.stages):
         if stage.kind not in names("stage"):
             raise ConfigError(f"stages.{i}.kind: unknown stage kind {stage.kind!r} "
@@ -68,6 +72,9 @@ def check_names(cfg: RunConfig) -> None:
         if ":" not in kind and kind not in names("domain"):
             raise ConfigError(f"domains.{i}.type: unknown domain type {kind!r} (known: {', '.join(names('domain'))}; "
                               f"or 'module:function' for a plugin)")
+        for j, r in enumerate(spec.rewards or []):  # a reward function in TRL's form: importable, callable
+            if r.fn is not None:
+                reward_functions.load(r.fn, f"domains.{i}.rewards.{j}.fn")
 
 
 def check_one_vllm_engine(cfg: RunConfig) -> None:

@@ -10,12 +10,17 @@ A domain builder is registered under a name (``@register("domain", "add")``) or 
 from __future__ import annotations
 
 import importlib
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
 
 from stagewise.config import DomainSpec
 from stagewise.errors import ConfigError
 from stagewise.registry import lookup, names
+from stagewise.reward_functions import RewardBatch, RewardContext, call_all, combine, function_name, load, per_sample
 from stagewise.seeds import split_rng
 
 
@@ -26,6 +31,8 @@ class Domain:
     eval: list[dict]  # disjoint from train
     rewards: list[tuple[str, float]]  # (reward name, weight); the weighted sum trains GRPO; [] = none
     metric: str | None  # reward whose value 1.0 counts as "correct" in held-out accuracy; None = none
+    # name -> a batched reward function in TRL's form (stagewise/reward_functions.py); a name not given
+    # here is a registered per-sample reward, adapted (or, with environment, one of its reward parts)
     reward_fns: dict[str, Callable] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # malformed records skipped (data.on_error: skip)
     # a multi-turn domain: task dict -> Environment (stagewise.envs); its reward() parts are the rewards
@@ -36,13 +43,14 @@ class Domain:
     def __post_init__(self):
         named = [n for n, _ in self.rewards] + ([self.metric] if self.metric else [])
         if self.environment is not None:
-            unknown = [n for n in named if n not in self.reward_parts]
+            unknown = [n for n in named if n not in self.reward_parts and n not in self.reward_fns]
             if unknown:
                 raise ConfigError(f"domains.{self.name}: the environment's reward parts are "
                                   f"{', '.join(self.reward_parts)}; unknown: {', '.join(unknown)}")
         else:
             for name in named:
-                self.reward_fns[name] = lookup("reward", name)
+                if name not in self.reward_fns:
+                    self.reward_fns[name] = per_sample(lookup("reward", name))
         # no training tasks: an evaluation-only domain (preflight refuses a stage that trains on it)
         if not self.eval:
             raise ConfigError(f"domains.{self.name}: empty split (train {len(self.train)}, eval {len(self.eval)})")
@@ -72,15 +80,46 @@ class Domain:
         return self.environment(example) if self.environment is not None else TextTask(example, self)
 
     def weigh(self, parts: dict[str, float]) -> float:
-        """The training reward: the weighted sum of the named parts."""
-        return sum(w * parts[n] for n, w in self.rewards)
+        """The training reward: the weighted sum of the named parts that apply (NaN parts left out)."""
+        return self.weigh_rows([parts])[0].item()
+
+    def weigh_rows(self, parts: list[dict[str, float]]) -> torch.Tensor:
+        """``weigh`` of many rows -> (B,); warns, as TRL does, where no part applies (reward 0)."""
+        values = torch.tensor([[p.get(n, math.nan) for n, _ in self.rewards] for p in parts],
+                              dtype=torch.float64).view(len(parts), len(self.rewards))
+        rewards, unscorable = combine(values, torch.tensor([w for _, w in self.rewards], dtype=torch.float64))
+        if unscorable.any():
+            warnings.warn(f"domain {self.name}: every reward ({', '.join(n for n, _ in self.rewards)}) returned "
+                          f"None for a completion; its reward is 0. Make at least one reward apply to every "
+                          f"record of the domain", RuntimeWarning, stacklevel=2)
+        return rewards
+
+    def score_batch(self, batch: RewardBatch, context: RewardContext | None = None, *,
+                    metric_only: bool = False) -> tuple[list[dict[str, float]], torch.Tensor]:
+        """Each part's value (NaN: not applicable) for a batch of this domain's completions, and their
+        training rewards (B,): the reward functions called together on the batch (an environment's
+        parts are its own). metric_only (held-out accuracy): only the metric's function is called,
+        the rewards are NaN."""
+        names = [] if metric_only else [n for n, _ in self.rewards]
+        if self.metric is not None and self.metric not in names:
+            names.append(self.metric)
+        functions = [(n, self.reward_fns[n]) for n in names if n in self.reward_fns]
+        values = call_all(functions, batch, context or RewardContext(), f"domain {self.name}")
+        own = ([{k: float(v) for k, v in env.reward().items()} for env in batch.environments]
+               if self.environment is not None else [{} for _ in range(len(batch))])
+        parts = [{**own[i], **{n: v[i] for n, v in values.items()}} for i in range(len(batch))]
+        if metric_only:
+            return parts, torch.full((len(batch),), math.nan)
+        return parts, self.weigh_rows(parts)
 
     def score(self, text: str, example: dict) -> dict[str, float]:
-        """Each reward's value for one completion (``weigh`` makes the training reward of them)."""
-        return {n: self.reward_fns[n](text, example) for n, _ in self.rewards}
+        """Each reward's value (and the metric's) for one completion of a single-turn domain."""
+        prompt = example.get("prompt", "")
+        completion = text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+        return self.score_batch(RewardBatch([prompt], [completion], [[]], [example]))[0][0]
 
     def succeeded(self, parts: dict[str, float]) -> bool:
-        """An episode counts as a success when its metric part reaches 1.0."""
+        """An episode counts as a success when its metric part reaches 1.0 (a NaN part: not a success)."""
         if self.metric is None:
             raise ValueError(f"domain {self.name} defines no accuracy metric")
         return parts[self.metric] >= 1.0
@@ -114,14 +153,36 @@ def build_domain(spec: DomainSpec, seed: int, on_error: str = "raise", where: st
     if not isinstance(dom, Domain):
         raise ConfigError(f"domains.{spec.name}: builder {kind!r} returned {type(dom).__name__}, not a Domain")
     if spec.rewards is not None:
-        if dom.environment is None:  # an environment's reward parts are its own, checked by Domain
-            known = names("reward")
-            for j, r in enumerate(spec.rewards):
-                if r.name not in known:
-                    raise ConfigError(f"{where}.rewards.{j}.name: unknown reward {r.name!r} "
-                                      f"(known: {', '.join(known)})")
-        rewards = [(r.name, r.weight) for r in spec.rewards]
+        named = config_rewards(spec, dom, where)
+        rewards = [(n, r.weight) for (n, _), r in zip(named, spec.rewards)]
         dom = Domain(dom.name, dom.train, dom.eval, rewards, dom.metric or (rewards[0][0] if rewards else None),
+                     reward_fns={**dom.reward_fns, **{n: fn for n, fn in named if fn is not None}},
                      skipped=dom.skipped, environment=dom.environment, reward_parts=dom.reward_parts,
                      oracle=dom.oracle)
     return dom
+
+
+def config_rewards(spec: DomainSpec, dom: Domain, where: str) -> list[tuple[str, Callable | None]]:
+    """The config's rewards in order, as (the name each is logged under, its function): ``fn:`` ones
+    imported (None for ``name:`` ones, a registered reward or an environment's part, checked here
+    and by Domain)."""
+    known, out = names("reward"), []
+    for j, r in enumerate(spec.rewards):
+        if r.fn is None:
+            if dom.environment is None and r.name not in known:
+                raise ConfigError(f"{where}.rewards.{j}.name: unknown reward {r.name!r} (known: {', '.join(known)}; "
+                                  f"or fn: 'package.module:function' for a function in TRL's form)")
+            out.append((r.name, None))
+            continue
+        fn = load(r.fn, f"{where}.rewards.{j}.fn")
+        name = r.name or function_name(fn)
+        # a logged name must say which function it is: never a registered reward's or a part's
+        if name in known or name in dom.reward_parts:
+            raise ConfigError(f"{where}.rewards.{j}: {r.fn!r} would be logged as {name!r}, the name of a "
+                              f"{'registered reward' if name in known else 'reward part'}; give it another "
+                              f"(name: my_{name})")
+        if name in (n for n, fn in out if fn is not None):
+            raise ConfigError(f"{where}.rewards.{j}: two reward functions are named {name!r}; give one another "
+                              f"(name: ...)")
+        out.append((name, fn))
+    return out

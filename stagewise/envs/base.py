@@ -88,18 +88,16 @@ class Environment:
 
 class TextTask(Environment):
     """A single-turn domain as an environment: no tools, the first turn is the answer, scored by the
-    domain's reward functions (so single- and multi-turn tasks share one rollout loop)."""
+    domain's reward functions (so single- and multi-turn tasks share one rollout loop; the loop scores
+    a domain's episodes in one batch, ``rl/episodes.score_episodes``)."""
 
     def __init__(self, task: dict, domain):
         super().__init__(task)
         self.domain = domain
 
     def reward(self) -> dict[str, float]:
-        text, dom = self.answer or "", self.domain
-        parts = dom.score(text, self.task)
-        if dom.metric is not None and dom.metric not in parts:
-            parts[dom.metric] = dom.reward_fns[dom.metric](text, self.task)
-        return parts
+        """This episode alone (the rollout loop scores a domain's episodes together instead)."""
+        return self.domain.score(self.answer or "", self.task)
 
 
 class TRLEnvironment(Environment):

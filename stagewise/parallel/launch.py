@@ -37,7 +37,8 @@ def launch_overrides(args) -> list[str]:
 
 def _entry(args) -> list[str]:
     rest = [r for r in (args.rest or []) if r != "--"]
-    return ["run", args.config, *rest, *_strategy_overrides(args)]
+    # the ranks run `stagewise run` (or `args.entry`: `stagewise eval --num-processes N` relaunches itself)
+    return [getattr(args, "entry", "run"), args.config, *rest, *_strategy_overrides(args)]
 
 
 def _tool(name: str) -> list[str]:

@@ -225,19 +225,19 @@ def ddp_kwargs():
 def end_run(tracker, ok: bool) -> None:
     """The end of every run, on every rank, whatever happened.
 
-    Rank 0 closes the TensorBoard writer; if this rank finished its work the ranks meet once more,
-    so none leaves while a peer still needs it; then every rank leaves the process group. After an
-    error there is no barrier: a rank that failed must not wait for peers that may never come (they
-    fail on their next collective, or the launcher stops them). Not accelerate's ``end_training()``:
-    it destroys the process group on the rank that owns the trackers only, leaving the other ranks
-    failing or hanging at exit.
+    Rank 0 finishes the trackers (a failed status when the run raised); if this rank finished its
+    work the ranks meet once more, so none leaves while a peer still needs it; then every rank leaves
+    the process group. After an error there is no barrier: a rank that failed must not wait for peers
+    that may never come (they fail on their next collective, or the launcher stops them). Not
+    accelerate's ``end_training()``: it destroys the process group on the rank that owns the trackers
+    only, leaving the other ranks failing or hanging at exit.
     """
     import torch.distributed as td
     from accelerate.state import AcceleratorState, GradientState
 
     try:
         if tracker is not None:
-            tracker.close()
+            tracker.close(failed=not ok)
         if ok:
             barrier()
     finally:

@@ -21,6 +21,7 @@ from stagewise.envs.tools import parse_tool_calls
 from stagewise.errors import ConfigError
 from stagewise.generation.chat_template import ChatRenderer
 from stagewise.generation.engines import SamplingParams
+from stagewise.reward_functions import RewardBatch, RewardContext
 from stagewise.seeds import turn_seed
 
 
@@ -50,6 +51,7 @@ class Episode:
     truncated: bool = False  # ran out of turns or tokens, or a turn hit max_new_tokens
     parts: dict = field(default_factory=dict)
     reward: float = 0.0
+    extra: dict = field(default_factory=dict)  # columns a reward function logged for it (log_extra)
 
     @property
     def ended(self) -> bool:
@@ -97,9 +99,11 @@ def start_episodes(renderer: ChatRenderer, examples: list[tuple[object, dict]], 
 
 
 def run_episodes(generator, tokenizer, examples: list[tuple[object, dict]], *, group_size: int,
-                 seeds: list[int] | None, params: SamplingParams, limits: EpisodeLimits) -> list[Episode]:
+                 seeds: list[int] | None, params: SamplingParams, limits: EpisodeLimits,
+                 context: RewardContext | None = None, metric_only: bool = False) -> list[Episode]:
     """Run G episodes per example to the end with a rollout engine's generator and score them.
-    seeds: one per episode (None if greedy).
+    seeds: one per episode (None if greedy); context: what the reward functions get besides the
+    batch (a stage's trainer state and metric log); metric_only: held-out accuracy, only the metric.
 
     Under lockstep (the generator's ``all_done`` hook: ZeRO-3 / FSDP) every rank runs the same number
     of turns: a rank whose episodes have all ended still joins each turn's generation with an empty batch.
@@ -125,9 +129,33 @@ def run_episodes(generator, tokenizer, examples: list[tuple[object, dict]], *, g
     for e in episodes:
         if not e.ended:  # out of turns while the policy was still calling tools
             e.truncated = True
-        e.parts = {k: float(v) for k, v in e.env.reward().items()}
-        e.reward = e.domain.weigh(e.parts)
+    score_episodes(episodes, context, metric_only=metric_only)
     return episodes
+
+
+def score_episodes(episodes: list[Episode], context: RewardContext | None = None, *,
+                   metric_only: bool = False) -> None:
+    """Set each episode's parts and reward: a domain's episodes in one batch, as TRL calls its reward
+    functions (prompts as the records give them, completions as text, or as messages where the
+    prompt is messages or the domain is an environment)."""
+    by_domain: dict[int, list[Episode]] = {}
+    for e in episodes:
+        by_domain.setdefault(id(e.domain), []).append(e)
+    for group in by_domain.values():
+        dom = group[0].domain
+        if dom.environment is None:  # single-turn: the answer, and the prompt as the record has it
+            prompts = [e.task["prompt"] for e in group]
+            texts = [e.env.answer or "" for e in group]
+            completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
+                           for p, t in zip(prompts, texts)]
+        else:
+            prompts = [e.opening for e in group]
+            completions = [e.messages[len(e.opening):] for e in group]
+        batch = RewardBatch(prompts, completions, [list(e.tokens) for e in group], [e.task for e in group],
+                            environments=[e.env for e in group] if dom.environment is not None else None)
+        parts, rewards = dom.score_batch(batch, context, metric_only=metric_only)
+        for e, p, r, x in zip(group, parts, rewards.tolist(), batch.extra):
+            e.parts, e.reward, e.extra = p, r, x
 
 
 def take_turns(turns: list[tuple[Episode, list[int], bool, list[float] | None]], tokenizer,

@@ -37,7 +37,7 @@ from stagewise.rl.advantages import zero_variance_groups
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.losses import engine_mismatch, masked_sum, per_token_loss
-from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, check_sampling_stage, generate_rollouts
+from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, StageRewards, check_sampling_stage, generate_rollouts
 from stagewise.seeds import completion_seeds, prompt_rng
 from stagewise.tracking import is_main
 from stagewise.training.run import StageRun
@@ -72,6 +72,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
     shared = prefix_sharing(grpo_cfg.shared_prefix)
     domains = job.domains + job.replay_domains
     multi_turn = any(d.environment is not None for d in domains)
+    rewards = StageRewards(domains, total_steps, rank=run.rank, local_rank=run.strategy.acc.local_process_index)
     # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
     policy_budget = (min(rollout_cfg.max_turns * rollout_cfg.max_new_tokens, rollout_cfg.max_episode_tokens)
                      if multi_turn else rollout_cfg.max_new_tokens)
@@ -85,7 +86,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
         seeds = completion_seeds(cfg.seed, job.index, step, run.rank * rows_local, rows_local)
         with engine.generator() as generator:  # the weights as they are now
             batch = generate_rollouts(generator, tok, mine, num_generations=group_size, params=sampling,
-                                      limits=limits, seeds=seeds, device=run.device)
+                                      limits=limits, seeds=seeds, device=run.device, context=rewards.begin_step(step))
         gen_time = run.elapsed()
 
         # 2. advantages on the gathered rewards: a group's rows are never normalised apart
@@ -126,7 +127,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
         train_time = time.time() - train_start
 
         # 5. metrics (one collective), then the scaffold logs, stops or checkpoints
-        metrics = step_metrics(batch, all_rewards, adv_stats, sums, run=run, domains=domains, multi_turn=multi_turn,
+        metrics = step_metrics(batch, all_rewards, adv_stats, sums, run=run, rewards=rewards, multi_turn=multi_turn,
                                gen_time=gen_time, train_time=train_time, engine_timings=engine.timings)
         if cfg.logging.dump_rollouts:
             dump_rollouts(job, step + 1, batch, mine, group_size)
@@ -254,26 +255,20 @@ class LossSums:
 
 
 def step_metrics(batch: RolloutBatch, all_rewards: torch.Tensor, adv_stats: dict, sums: LossSums, *, run: StageRun,
-                 domains: list[Domain], multi_turn: bool, gen_time: float, train_time: float,
+                 rewards: StageRewards, multi_turn: bool, gen_time: float, train_time: float,
                  engine_timings: dict) -> dict:
     """The step's metrics from every process, gathered in one collective (the reward parts of the
-    stage's domains: NaN where a row's domain has no such part)."""
-    parts = sorted({n for d in domains for n, _ in d.rewards} | {p for d in domains for p in d.reward_parts})
-    nan = torch.full((len(batch),), float("nan"))
+    stage's domains: NaN where a row's domain has no such part; ``log_metric``'s values in a second
+    one, where a reward function may have logged)."""
     rows = {"length": batch.completion_mask.sum(-1).float(), "truncated": batch.truncated.float(),
-            **{f"reward/{p}": batch.reward_parts.get(p, nan) for p in parts},
+            **rewards.part_rows(batch),
             **({f"episode/{s}": batch.episode_stats[s] for s in EPISODE_STATS} if multi_turn else {})}
     total, gathered = reduce_step_stats(run.device, sums=sums.values, rows=rows)
     tokens = max(total["tokens"], 1)
     lengths = gathered.pop("length")
     step_time = run.elapsed()
-    metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item()}
-    for p in parts:
-        values = gathered.pop(f"reward/{p}")
-        ok = ~torch.isnan(values)
-        if ok.any():
-            metrics[f"reward/{p}"] = values[ok].mean().item()
-            metrics[f"reward/{p}_std"] = values[ok].std().item() if ok.sum() > 1 else 0.0
+    metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+               **rewards.metrics(gathered)}
     metrics.update({name: values.mean().item() for name, values in gathered.items() if name.startswith("episode/")})
     metrics.update({
         "loss": total["loss"], "clip_ratio": total["clipped"] / tokens, "kl": total["kl"] / tokens,
@@ -287,7 +282,7 @@ def step_metrics(batch: RolloutBatch, all_rewards: torch.Tensor, adv_stats: dict
         metrics.update({"engine/logp_abs_diff": total["engine_gap"] / tokens,
                         "engine/tis_weight": total["tis_weight"] / tokens})
     metrics.update(engine_timings)
-    return metrics
+    return rewards.with_logged(metrics)
 
 
 def dump_rollouts(job: StageJob, step: int, batch: RolloutBatch, mine, group_size: int) -> None:
@@ -296,13 +291,16 @@ def dump_rollouts(job: StageJob, step: int, batch: RolloutBatch, mine, group_siz
 
     rows = [{"prompt": ex.get("prompt"), "domain": dom.name, "completion": batch.texts[g * group_size + j],
              "reward": batch.rewards[g * group_size + j].item(),
-             "advantage": batch.advantages[g * group_size + j].item()}
+             "advantage": batch.advantages[g * group_size + j].item(),
+             # the columns reward functions added with log_extra (TRL's completions table)
+             **({"extra": batch.extras[g * group_size + j]} if batch.extras and batch.extras[g * group_size + j]
+                else {})}
             for g, (dom, ex) in enumerate(mine) for j in range(group_size)]
     rows = gather_object(rows)
     if is_main():
         with (job.out_dir.parent / "rollouts.jsonl").open("a") as fh:
             for r in rows:
-                fh.write(json.dumps({"stage": job.index + 1, "step": step, **r}) + "\n")
+                fh.write(json.dumps({"stage": job.index + 1, "step": step, **r}, default=str) + "\n")
 
 
 def check_grpo_stage(cfg: RunConfig, i: int, world: int) -> None:

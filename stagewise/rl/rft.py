@@ -34,7 +34,7 @@ from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs, prefix_sharing
 from stagewise.rl.logprobs import PolicyLogprobs
-from stagewise.rl.rollout import RolloutBatch, check_sampling_stage, generate_rollouts, placeholder_row
+from stagewise.rl.rollout import RolloutBatch, StageRewards, check_sampling_stage, generate_rollouts, placeholder_row
 from stagewise.seeds import completion_seeds
 from stagewise.training.run import StageRun
 from stagewise.training.stage import StageJob, StageResult
@@ -62,6 +62,8 @@ def train_rft_stage(job: StageJob) -> StageResult:
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
     shared = prefix_sharing(rft_cfg.shared_prefix)
+    rewards = StageRewards(job.domains + job.replay_domains, total_steps, rank=run.rank,
+                           local_rank=run.strategy.acc.local_process_index)
 
     while not run.finished:
         step = run.begin_step()
@@ -72,7 +74,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
         seeds = completion_seeds(cfg.seed, job.index, step, run.rank * rows_local, rows_local)
         with engine.generator() as generator:
             batch = generate_rollouts(generator, tok, mine, num_generations=group_size, params=sampling,
-                                      limits=limits, seeds=seeds, device=run.device)
+                                      limits=limits, seeds=seeds, device=run.device, context=rewards.begin_step(step))
         gen_time = run.elapsed()
 
         # 2. which episodes are demonstrations
@@ -97,15 +99,16 @@ def train_rft_stage(job: StageJob) -> StageResult:
 
         # 4. metrics (one collective), then the scaffold logs, stops or checkpoints
         all_rewards = gather_rows(batch.rewards.to(run.device)).cpu()
-        total, _ = reduce_step_stats(run.device, sums={"loss": loss_sum, "kept_reward": (batch.rewards.to(
-            run.device) * keep.to(run.device)).sum()}, rows={})
+        total, gathered = reduce_step_stats(run.device, sums={"loss": loss_sum, "kept_reward": (batch.rewards.to(
+            run.device) * keep.to(run.device)).sum()}, rows=rewards.part_rows(batch))
         step_time = run.elapsed()
         lengths = batch.completion_mask.sum().item()
         metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                    "keep_rate": n_seq / all_rewards.numel(), "kept": n_seq, "kept_tokens": n_tok,
                    "kept_reward": total["kept_reward"] / max(n_seq, 1), "loss": total["loss"],
                    "step_time": step_time, "gen_time": gen_time, "train_time": train_time,
-                   "tokens_per_s": lengths * world / step_time, **engine.timings}
+                   "tokens_per_s": lengths * world / step_time, **rewards.metrics(gathered), **engine.timings}
+        metrics = rewards.with_logged(metrics)
         if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
                         progress={"reward": metrics["reward"], "keep": metrics["keep_rate"]}):
             return run.stopped()

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from stagewise.domains.base import Domain
-from stagewise.errors import ConfigError
+from stagewise.errors import ConfigError, RewardError
 from stagewise.generation import vllm_engine
 from stagewise.generation.engines import SamplingParams
 from stagewise.generation.padding import left_pad
 from stagewise.parallel import runtime
+from stagewise.reward_functions import MetricLog, RewardContext, may_log, trainer_state
 from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
 
 # per-episode statistics every batch carries (logged as episode/<name> for multi-turn domains)
@@ -34,6 +35,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B,) weighted sum of the reward functions
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,), NaN if unused
     texts: list[str] = field(default_factory=list)
+    extras: list[dict] = field(default_factory=list)  # per row: columns reward functions logged (log_extra)
     episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # turns, tool_calls, ... -> (B,)
     advantages: torch.Tensor | None = None  # (B,)
     loss_mask: torch.Tensor | None = None  # (B, C) policy tokens (completion_mask & policy_mask) of the rows kept
@@ -109,11 +111,13 @@ def placeholder_row(batch: RolloutBatch) -> RolloutBatch:
 
 
 def generate_rollouts(generator, tokenizer, examples: list[tuple[Domain, dict]], *, num_generations: int,
-                      params: SamplingParams, limits: EpisodeLimits, seeds: list[int], device) -> RolloutBatch:
+                      params: SamplingParams, limits: EpisodeLimits, seeds: list[int], device,
+                      context: RewardContext | None = None) -> RolloutBatch:
     """Run G episodes per (domain, example) with a rollout engine's generator and score them.
-    seeds: one per episode. A single-turn domain's episode is one completion."""
+    seeds: one per episode. A single-turn domain's episode is one completion. context: what the
+    reward functions get besides the batch (``StageRewards.context``)."""
     episodes = run_episodes(generator, tokenizer, examples, group_size=num_generations, seeds=seeds, params=params,
-                            limits=limits)
+                            limits=limits, context=context)
     return batch_from_episodes(episodes, tokenizer.pad_token_id, device)
 
 
@@ -135,8 +139,10 @@ def batch_from_episodes(episodes: list[Episode], pad_id: int, device) -> Rollout
         if reported and n:
             elogp[i, :n] = torch.tensor(e.engine_logp, dtype=torch.float32)
     # every part a domain weighs or its environment reports (tau2: pass, db, actions, ...), logged as
-    # reward/<part>; NaN where a row's domain has no such part (a replay mix of domains)
-    known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ()) for e in episodes}
+    # reward/<part>, and its metric (rft.keep: pass reads it); NaN where a row's domain has no such part
+    # (a replay mix of domains)
+    known = {id(e.domain): {n for n, _ in e.domain.rewards} | set(e.domain.reward_parts or ())
+             | ({e.domain.metric} if e.domain.metric else set()) for e in episodes}
     names = sorted(set().union(*known.values())) if episodes else []
     parts = {n: torch.tensor([e.parts.get(n, float("nan")) if n in known[id(e.domain)] else float("nan")
                               for e in episodes]) for n in names}
@@ -149,4 +155,60 @@ def batch_from_episodes(episodes: list[Episode], pad_id: int, device) -> Rollout
                         truncated=torch.tensor([e.truncated for e in episodes]),
                         rewards=torch.tensor([e.reward for e in episodes]),
                         reward_parts=parts, texts=[e.transcript() for e in episodes],
+                        extras=[e.extra for e in episodes],
                         episode_stats={k: torch.tensor(v, dtype=torch.float32) for k, v in stats.items()})
+
+
+# --- rewards across a stage (grpo, rft) --------------------------------------------------------
+
+# what the stage scaffold adds to every step's row (training/run.StageRun.end_step): log_metric may not reuse them
+SCAFFOLD_METRICS = ("stage", "stage_step", "grad_norm", "lr", "skipped_steps", "bad_steps_total", "peak_memory_mb",
+                    "train_compute_dtype")
+
+
+class StageRewards:
+    """What a sampling stage gives its reward functions (TRL's ``trainer_state`` and ``log_metric``)
+    and the reward metrics it logs per step: ``reward/<part>`` (mean and std over the rows whose
+    domain has the part, every process) and what the functions logged with ``log_metric``."""
+
+    def __init__(self, domains: list[Domain], total_steps: int, *, rank: int, local_rank: int):
+        self.parts = sorted({n for d in domains for n, _ in d.rewards} | {p for d in domains for p in d.reward_parts})
+        self.log = MetricLog()
+        self.state = trainer_state(total_steps, is_main=rank == 0, is_local_main=local_rank == 0)
+        self.context = RewardContext(trainer_state=self.state, log_metric=self.log)
+        # the same on every rank (the domains are), so every rank joins the gather or none does
+        self.gathers = may_log(fn for d in domains for fn in d.reward_fns.values())
+
+    def begin_step(self, step: int) -> RewardContext:
+        self.state.global_step = step
+        return self.context
+
+    def part_rows(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Per-row values for ``reduce_step_stats`` (NaN where a row's domain has no such part)."""
+        nan = torch.full((len(batch),), float("nan"))
+        return {f"reward/{p}": batch.reward_parts.get(p, nan) for p in self.parts}
+
+    def metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's ``reward/<part>`` metrics from the gathered part rows (popped from ``gathered``)."""
+        out = {}
+        for p in self.parts:
+            values = gathered.pop(f"reward/{p}")
+            ok = ~torch.isnan(values)
+            if ok.any():
+                out[f"reward/{p}"] = values[ok].mean().item()
+                out[f"reward/{p}_std"] = values[ok].std().item() if ok.sum() > 1 else 0.0
+        return out
+
+    def with_logged(self, metrics: dict) -> dict:
+        """``metrics`` and what the reward functions logged this step with ``log_metric`` (averaged
+        over the step and every process: a collective, where a function may have logged)."""
+        if not self.gathers:
+            return metrics
+        from accelerate.utils import gather_object
+
+        logged = self.log.flush(gather_object)
+        clash = sorted(set(logged) & (set(metrics) | set(SCAFFOLD_METRICS)))
+        if clash:
+            raise RewardError(f"a reward function logged {clash[0]!r} with log_metric, a metric stagewise logs "
+                              f"itself; log it under another name")
+        return {**metrics, **logged}

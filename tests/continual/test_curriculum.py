@@ -83,7 +83,7 @@ def test_cli_run_pins_numbers_and_writes_resolved_config(tiny_model_dir, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.01 and saved["eval"]["batch_size"] == 4 and saved["ablation"] == "hi_lr"
-    assert saved["dist"]["mixed_precision"] == "no" and saved["logging"]["tensorboard"] is True
+    assert saved["dist"]["mixed_precision"] == "no" and saved["logging"]["report_to"] == ["tensorboard"]
     assert "accuracy matrix" in r.stdout
     assert list((tmp_path / "cli" / "tb").rglob("events.out.tfevents.*"))  # TensorBoard really wrote
     steps = [x for x in map(json.loads, (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) if "loss" in x]

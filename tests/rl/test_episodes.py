@@ -81,6 +81,30 @@ def test_oracle_scores_one_and_a_wrong_policy_zero(tok, calc):
     assert all(e.parts["correct"] == 0.0 for e in cheat)
 
 
+SEEN_BY_FN: dict = {}
+
+
+def calls_made(prompts, completions, completion_ids, environments, **kwargs):
+    """A TRL-form reward on an environment domain (TRL: environment_factory): it gets the episodes'
+    environments and the messages after the opening."""
+    SEEN_BY_FN.update(prompts=prompts, completions=completions, completion_ids=completion_ids)
+    return [float(len(env.tool_calls)) for env in environments]
+
+
+def test_an_environment_domain_takes_trl_reward_functions_beside_its_parts(tok):
+    from stagewise.config import RewardSpec
+
+    dom = build_domain(DomainSpec(name="calc", type="calculator", eval_size=4, rewards=[
+        RewardSpec(name="correct"), RewardSpec(fn="tests.rl.test_episodes:calls_made", weight=0.5)]), seed=0)
+    good = episodes(tok, oracle, dom, dom.eval[:2])
+    assert [e.parts for e in good] == [{"correct": 1.0, "used_tool": 1.0, "calls_made": 1.0}] * 2
+    assert [e.reward for e in good] == [1.5] * 2  # correct 1.0 + 0.5 x one call
+    assert SEEN_BY_FN["prompts"] == [e.opening for e in good]
+    roles = [[m["role"] for m in c] for c in SEEN_BY_FN["completions"]]
+    assert roles == [["assistant", "tool", "assistant"]] * 2
+    assert SEEN_BY_FN["completion_ids"] == [e.tokens for e in good]
+
+
 def test_tokens_and_masks_are_exactly_the_turns(tok, calc):
     eng = ScriptedEngine(tok, oracle)
     [e] = run_episodes(eng, tok, [(calc, calc.eval[0])], group_size=1, seeds=None, params=PARAMS, limits=LIMITS)
