@@ -39,7 +39,7 @@ def workload(kind: str, model: str, out: Path, steps: int, checkpointing: bool) 
            "model": {"name_or_path": model, "gradient_checkpointing": checkpointing},
            "domains": [{"name": "add", "eval_size": 8}],
            "eval": {"before_first_stage": False, "max_new_tokens": 8, "batch_size": 8},
-           "logging": {"tensorboard": False, "progress": False},
+           "logging": {"report_to": [], "progress": False},
            "stages": [{"kind": kind, "domains": ["add"], "steps": steps}]}
     if kind == "grpo":
         raw["rollout"] = {"prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 32}
@@ -63,8 +63,12 @@ def run_variant(raw: dict, strategy: str, offload: str, procs: int, tmp: Path) -
     t0 = time.time()
     threads = str(max(1, (os.cpu_count() or 2) // procs))
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
-    if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:200], "wall_s": time.time() - t0}
+    if r.returncode != 0:  # the whole output kept beside the table; the row names its first error line
+        log = cfg_path.with_suffix(".log")
+        log.write_text(r.stdout + "\n" + r.stderr)
+        lines = r.stderr.strip().splitlines() or ["?"]
+        first = next((x for x in lines if "Error" in x or x.startswith("error")), lines[-1])
+        return {"error": f"{first.strip()[:160]} (see {log.name})", "wall_s": time.time() - t0}
     rows = [json.loads(x) for x in (Path(raw["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in rows if "step_time" in x][1:]  # the first step warms caches and allocators up
     end = next(x for x in rows if "stage_peak_memory_mb_per_rank" in x)
@@ -78,6 +82,8 @@ def run_variant(raw: dict, strategy: str, offload: str, procs: int, tmp: Path) -
 
 def predict(raw: dict, strategy: str, offload: str, procs: int) -> float:
     """The planner's peak (MB) over the stage's train and rollout phases."""
+    import torch
+
     import stagewise.builtins  # noqa: F401  (the built-in domains)
     from stagewise.config import load_config
     from stagewise.domains.base import build_domain
@@ -91,7 +97,10 @@ def predict(raw: dict, strategy: str, offload: str, procs: int) -> float:
     prompt, _ = measure_prompts(cfg, domains)
     plan = plan_stage(cfg, 0, model_shape(config), config, world=procs, prompt_tokens=prompt or 64,
                       environments=environment_names(domains))
-    return max(p.total for p in plan.phases if p.name != "eval") / 2**20
+    host = sum(next(p for p in plan.phases if p.name == "train").host.values())
+    device = max(p.total for p in plan.phases if p.name != "eval")
+    # on a CPU the "device" and the host are one memory: what DeepSpeed offloads stays in the RSS
+    return (device + (host if not torch.cuda.is_available() else 0)) / 2**20
 
 
 def main() -> None:
@@ -103,10 +112,25 @@ def main() -> None:
                                                                        for s, o, _ in STRATEGIES)))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="runs/bench_strategies")
+    ap.add_argument("--tables", metavar="STRATEGIES_JSON",
+                    help="print the tables and the PNG again from an earlier run's strategies.json, with the "
+                         "planner's predictions made again (the planner changed, the measurements did not)")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from tests.tiny import CHATML_TEMPLATE, make_tiny_dir
+
+    if a.tables:
+        results = json.loads(Path(a.tables).read_text())
+        models = {"tiny": str(make_tiny_dir(out / "tiny_model", template=CHATML_TEMPLATE)),
+                  "bundled": "bundled:smollm2-135m-instruct"}
+        for r in results:
+            raw = workload(r["kind"], models[r["model"]], out / "run", a.steps, r["checkpointing"] == "on")
+            r["predicted_mb"] = predict(raw, r["strategy"], r["offload"], r["processes"])
+        (out / "strategies.json").write_text(json.dumps(results, indent=1))
+        print_tables(results)
+        plot(results, out / "strategies.png")
+        return
 
     models = {"tiny": str(make_tiny_dir(out / "tiny_model", template=CHATML_TEMPLATE)),
               "bundled": "bundled:smollm2-135m-instruct"}

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from stagewise.config import RunConfig
+from stagewise.generation.sampling import PREFILL_BLOCK
 from stagewise.lm_head import chunk_tokens
 from stagewise.planning import memory
 from stagewise.planning.shapes import DTYPE_BYTES, ModelShape, saved_activations
@@ -34,6 +35,18 @@ RESERVED = 1.0 * GIB  # CUDA context, NCCL buffers and allocator slack a device 
 # adds host <-> device copies of the optimizer state (and of ZeRO-3's weights) at every step
 BY_SPEED = [("single", "none"), ("ddp", "none"), ("zero1", "none"), ("zero2", "none"), ("fsdp", "none"),
             ("zero3", "none"), ("zero2", "optimizer"), ("zero3", "optimizer"), ("zero3", "optimizer_and_params")]
+
+
+def prefix_cache_bytes(rollout, kv_per_token: float, rows: int, prompt_tokens: int, env: bool) -> float:
+    """What the sampler's prompt cache can hold in one rollout phase (it lives for one: the weights
+    change after it): prompts of a whole prefill block or more, each kept whole, no more than
+    ``rollout.prefix_cache_gib``. A single-turn prompt is kept once per rank; an episode keeps each
+    policy turn's prompt, the last one at most ``prompt + max_episode_tokens`` long."""
+    cap = rollout.prefix_cache_gib * GIB
+    if not cap or prompt_tokens < PREFILL_BLOCK:
+        return 0.0
+    kept = rows * (rollout.max_turns * (prompt_tokens + rollout.max_episode_tokens) if env else prompt_tokens)
+    return min(cap, memory.kv_cache_bytes(kv_per_token, kept))
 
 
 _SAVED: dict = {}  # (config, tokens, dtypes) -> SavedActivations: recommend plans the same shapes many times
@@ -164,8 +177,9 @@ def plan_stage(cfg: RunConfig, i: int, shape: ModelShape, config, *, world: int,
             length = prompt_tokens + (rollout.max_episode_tokens if env else rollout.max_new_tokens)
             sample.device[f"KV cache ({per_rank_rows} rows x {length} tokens)"] = \
                 memory.kv_cache_bytes(shape.kv_per_token, per_rank_rows * length)
-            if rollout.prefix_cache_gib:
-                sample.device["prefix cache (rollout.prefix_cache_gib)"] = rollout.prefix_cache_gib * GIB
+            stored = prefix_cache_bytes(rollout, shape.kv_per_token, per_rank_rows, prompt_tokens, env)
+            if stored:
+                sample.device["prefix cache (rollout.prefix_cache_gib)"] = stored
         phases.append(sample)
     evaluation = Phase("eval")
     if cfg.eval_engine == "vllm":
