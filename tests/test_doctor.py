@@ -72,7 +72,11 @@ def test_vllm_selected_but_not_installed(cfg, monkeypatch):
 
 def test_rendezvous_for_several_machines(cfg, monkeypatch):
     c = cfg("rollout.prompts_per_step=4")
-    f = findings(c, machines=2)["rendezvous"]  # a warning: loopback "machines" on one host are a real test setup
+    with socket.socket() as s:  # a free port: the default 29500 may be a running launch's
+        s.bind(("", 0))
+        free = s.getsockname()[1]
+    # a warning: loopback "machines" on one host are a real test setup
+    f = findings(c, machines=2, main_port=free)["rendezvous"]
     assert f.ok and f.warn and "cannot reach it" in f.message and f.line().startswith("warn rendezvous:")
     assert "does not resolve" in findings(c, machines=2, main_ip="no-such-host.invalid")["rendezvous"].message
     with socket.socket() as s:
