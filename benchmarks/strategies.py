@@ -13,7 +13,12 @@ on a GPU); beside it the planner's prediction (`stagewise plan`: the larger of t
 and rollout phases; the evaluation after the stage is not in the measured window).
 
 Prints two tables (speed; predicted vs measured memory with the error of every row, rows outside
-+-15% marked, none dropped) and writes strategies.json and strategies.png under --out.
++-15% marked, none dropped) and writes strategies.json and strategies.png under --out. On a CPU the
+default `--allocator tracking` makes glibc return freed memory, so the RSS peak is the tensors' peak
+(steps are slower); `--allocator default` for speed as users get it.
+
+    .venv/bin/python benchmarks/strategies.py --allocator default --out runs/bench_speed   # speed
+    .venv/bin/python benchmarks/strategies.py --tables runs/bench_strategies/strategies.json  # re-predict
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ sys.path.insert(0, str(ROOT))
 STRATEGIES = [("single", "none", 1), ("ddp", "none", 2), ("zero1", "none", 2), ("zero2", "none", 2),
               ("zero3", "none", 2), ("zero3", "optimizer", 2), ("fsdp", "none", 2)]
 TARGET = 0.15
+# glibc keeps freed memory for reuse (a dynamic mmap threshold that rises after large frees; one heap
+# per thread) and the RSS then stays above what tensors hold: 4.5 GB measured for 3.5 GB of live
+# tensors (bundled SFT without checkpointing). With every block of 64 KiB or more mapped on its own and
+# unmapped when freed, the RSS follows the tensors (3.5 GB): what a GPU's allocator peak would show
+TRACKING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
 
 def workload(kind: str, model: str, out: Path, steps: int, checkpointing: bool) -> dict:
@@ -49,7 +59,7 @@ def workload(kind: str, model: str, out: Path, steps: int, checkpointing: bool) 
     return raw
 
 
-def run_variant(raw: dict, strategy: str, offload: str, procs: int, tmp: Path) -> dict:
+def run_variant(raw: dict, strategy: str, offload: str, procs: int, tmp: Path, tracking_allocator: bool) -> dict:
     import yaml
 
     cfg_path = tmp / f"{raw['name']}_{strategy}_{offload}.yaml"
@@ -62,7 +72,8 @@ def run_variant(raw: dict, strategy: str, offload: str, procs: int, tmp: Path) -
                      f"dist.offload={offload}"]
     t0 = time.time()
     threads = str(max(1, (os.cpu_count() or 2) // procs))
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+    env = {**os.environ, "OMP_NUM_THREADS": threads, **(TRACKING_MALLOC if tracking_allocator else {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:  # the whole output kept beside the table; the row names its first error line
         log = cfg_path.with_suffix(".log")
         log.write_text(r.stdout + "\n" + r.stderr)
@@ -111,6 +122,9 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(dict.fromkeys(label({"strategy": s, "offload": o})
                                                                        for s, o, _ in STRATEGIES)))
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--allocator", choices=["tracking", "default"], default="tracking",
+                    help="tracking (default): glibc returns freed blocks, so a CPU's RSS peak is the tensors' "
+                         "peak (the memory table); default: glibc as it comes, faster (the speed table)")
     ap.add_argument("--out", default="runs/bench_strategies")
     ap.add_argument("--tables", metavar="STRATEGIES_JSON",
                     help="print the tables and the PNG again from an earlier run's strategies.json, with the "
@@ -144,7 +158,8 @@ def main() -> None:
                     raw = workload(kind, models[model], out / "run", a.steps, gc == "on")
                     row = {"model": model, "kind": kind, "checkpointing": gc, "strategy": strategy,
                            "offload": offload, "processes": procs}
-                    row.update(run_variant(raw, strategy, offload, procs, out))
+                    row["allocator"] = a.allocator
+                    row.update(run_variant(raw, strategy, offload, procs, out, a.allocator == "tracking"))
                     row["predicted_mb"] = predict(raw, strategy, offload, procs)
                     results.append(row)
                     print(json.dumps(row), flush=True)

@@ -32,7 +32,9 @@ GIB = memory.GIB
 RESERVED = 1.0 * GIB  # CUDA context, NCCL buffers and allocator slack a device never gives to tensors
 # strategies from the fastest to the slowest at equal fit: communication per step grows down the
 # list (all-reduce < reduce-scatter + all-gather once < gathers every micro-batch), and offload
-# adds host <-> device copies of the optimizer state (and of ZeRO-3's weights) at every step
+# adds host <-> device copies of the optimizer state (and of ZeRO-3's weights) at every step.
+# benchmarks/strategies.py agrees on 2 CPU processes (README): DDP, ZeRO-1/2, FSDP2 within ~25% of
+# each other, ZeRO-3 1.2-1.9x DDP's step; offload it cannot rank (a CPU's host is its device)
 BY_SPEED = [("single", "none"), ("ddp", "none"), ("zero1", "none"), ("zero2", "none"), ("fsdp", "none"),
             ("zero3", "none"), ("zero2", "optimizer"), ("zero3", "optimizer"), ("zero3", "optimizer_and_params")]
 

@@ -9,7 +9,7 @@ import pytest
 
 from stagewise.cli import main
 from stagewise.config import load_config
-from stagewise.planning.plan import GIB, RESERVED, plan_run, plan_stage, recommend
+from stagewise.planning.plan import GIB, RESERVED, plan_run, plan_stage, prefix_cache_bytes, recommend
 from stagewise.planning.shapes import model_shape, read_model_config
 from stagewise.planning.tables import format_recommendation, parse_memory
 
@@ -105,3 +105,18 @@ def test_the_plan_command_prints_every_stage_and_refuses_a_bad_size(capsys):
     assert out.count("stage ") >= 9 and "peak " in out and "4.022 B parameters" in out
     assert main(args[:-1] + ["eighty"]) == 2
     assert "--device-memory 'eighty'" in capsys.readouterr().err
+
+
+def test_the_prompt_cache_is_what_a_rollout_stores_not_its_cap():
+    """Prompts under one prefill block are never stored (3 steps of `add` held no cache while the plan
+    said 1 GiB); longer ones are kept whole, once per rank, episodes once per turn, up to the cap."""
+    rollout = load_config(raw={"stages": [{"kind": "grpo", "domains": ["add"], "steps": 1}],
+                               "domains": [{"name": "add"}]}).rollout
+    kv = 1000.0  # K and V elements per token
+    assert prefix_cache_bytes(rollout, kv, rows=8, prompt_tokens=100, env=False) == 0
+    assert prefix_cache_bytes(rollout, kv, rows=8, prompt_tokens=600, env=False) == 8 * 600 * kv * 2
+    turns = rollout.max_turns * (600 + rollout.max_episode_tokens)
+    assert prefix_cache_bytes(rollout, kv, rows=2, prompt_tokens=600, env=True) == min(2 * turns * kv * 2, GIB)
+    assert prefix_cache_bytes(rollout, 1e6, rows=64, prompt_tokens=5000, env=False) == rollout.prefix_cache_gib * GIB
+    off = rollout.model_copy(update={"prefix_cache_gib": 0.0})
+    assert prefix_cache_bytes(off, kv, rows=8, prompt_tokens=600, env=False) == 0
