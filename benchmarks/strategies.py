@@ -134,10 +134,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from tests.tiny import CHATML_TEMPLATE, make_tiny_dir
 
+    models = {"tiny": str(make_tiny_dir(out / "tiny_model", template=CHATML_TEMPLATE)),
+              "bundled": "bundled:smollm2-135m-instruct"}
     if a.tables:
         results = json.loads(Path(a.tables).read_text())
-        models = {"tiny": str(make_tiny_dir(out / "tiny_model", template=CHATML_TEMPLATE)),
-                  "bundled": "bundled:smollm2-135m-instruct"}
         for r in results:
             raw = workload(r["kind"], models[r["model"]], out / "run", a.steps, r["checkpointing"] == "on")
             r["predicted_mb"] = predict(raw, r["strategy"], r["offload"], r["processes"])
@@ -146,8 +146,6 @@ def main() -> None:
         plot(results, out / "strategies.png")
         return
 
-    models = {"tiny": str(make_tiny_dir(out / "tiny_model", template=CHATML_TEMPLATE)),
-              "bundled": "bundled:smollm2-135m-instruct"}
     results = []
     for model in a.models.split(","):
         for kind in a.kinds.split(","):
