@@ -9,7 +9,8 @@ Data: the tau2 oracle's episodes on airline's training tasks (scripted customer)
 agent instructions, the airline policy, 14 tool schemas), then a few hundred tokens of its own.
 
 - SFT: the real SFT stage (`stagewise run` of a one-stage config on the demonstrations file), 8
-  conversations per step, bf16 compute on fp32 weights as the product runs; shared = each
+  conversations per step, in the product's default precision (bf16 compute on fp32 weights on a
+  CPU with AMX / AVX-512 BF16, fp32 elsewhere); shared = each
   micro-batch's common opening once (`sft.shared_prefix: true`, one example per row), plain =
   `sft.shared_prefix: false` at the largest micro-batch that fits this machine's memory. tokens/s
   counts the conversations' real tokens (what a step learns from), the same for both.
@@ -83,6 +84,14 @@ def oracle_episodes(n: int, demos: Path | None = None):
     return episodes, tok
 
 
+def compute() -> str:
+    """The product's default precision on this CPU (dist.mixed_precision: auto): bf16 with AMX / AVX-512
+    BF16, else fp32 ("no": PyTorch emulates bf16 there, far slower)."""
+    from stagewise.machine import auto_precision
+
+    return auto_precision(on_gpu=False)[0]
+
+
 def worker_sft(a) -> dict:
     from stagewise.config import load_config
     from stagewise.continual.curriculum import run_curriculum
@@ -94,7 +103,7 @@ def worker_sft(a) -> dict:
     raw["sft"] = {"batch_size": a.conversations, "micro_batch_size": a.micro, "max_seq_len": 8192, "packing": False,
                   "shared_prefix": a.shared}
     raw["model"]["gradient_checkpointing"] = a.checkpointing
-    raw.update({"optim": {"lr": 1e-5, "schedule": "constant"}, "dist": {"mixed_precision": "bf16"},
+    raw.update({"optim": {"lr": 1e-5, "schedule": "constant"}, "dist": {"mixed_precision": "auto"},
                 "eval": {"before_first_stage": False, "held_out_loss": False},
                 "logging": {"progress": False, "report_to": []}})
     raw["stages"] = [{"kind": "sft", "domains": ["airline_demos"], "steps": a.steps}]
@@ -134,7 +143,7 @@ def worker_grpo(a) -> dict:
     for _ in range(a.steps):
         t0 = time.time()
         for mb in batch.micro_batches(a.micro):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute() == "bf16"):
                 logp, entropy = model(*policy_inputs(mb, 1.0), with_entropy=True, **shared)
             token_loss, _ = per_token_loss(logp, None, mb.advantages, epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
                                            ref_logp=None, mask=mb.loss_mask)
@@ -152,10 +161,13 @@ def worker_grpo(a) -> dict:
 
 
 VARIANTS = [  # (workload, shared, micro-batch, gradient checkpointing): the plain forward at its best here
-    # (one ~6k-token row per micro-batch without checkpointing: ~12 GB; 8 rows need checkpointing)
-    ("sft", False, 1, False), ("sft", False, 8, True), ("sft", True, 8, True), ("sft", True, 8, False),
-    ("grpo", False, 1, False), ("grpo", False, 8, True), ("grpo", True, 8, True),
+    # (one ~6k-token row per micro-batch without checkpointing: ~12 GB). The plain forward with 8 rows
+    # per micro-batch needs checkpointing to fit and took > 7 min a step (padded 8 x 7.5k tokens,
+    # recomputed): slower than micro-batch 1, so not the plain forward's best; `--all` adds it.
+    ("sft", False, 1, False), ("sft", True, 8, True), ("sft", True, 8, False),
+    ("grpo", False, 1, False), ("grpo", True, 8, True),
 ]
+SLOW_PLAIN = [("sft", False, 8, True), ("grpo", False, 8, True)]
 
 
 def main() -> None:
@@ -163,6 +175,7 @@ def main() -> None:
     p.add_argument("--conversations", type=int, default=8, help="conversations (episodes) per step")
     p.add_argument("--steps", type=int, default=2, help="steps per variant; the first is not timed")
     p.add_argument("--workloads", default="sft,grpo", help="which to measure: sft, grpo or both")
+    p.add_argument("--all", action="store_true", help="also the plain forward at micro-batch 8 (> 7 min a step here)")
     p.add_argument("--worker", choices=["sft", "grpo"])
     p.add_argument("--shared", action="store_true")
     p.add_argument("--micro", type=int, default=8)
@@ -180,7 +193,7 @@ def main() -> None:
     episodes, _ = oracle_episodes(a.conversations * a.steps, demos)
     lengths = [len(e.prompt) + len(e.tokens) for e in episodes]
     results = []
-    for workload, shared, micro, checkpointing in VARIANTS:
+    for workload, shared, micro, checkpointing in VARIANTS + (SLOW_PLAIN if a.all else []):
         if micro > a.conversations or workload not in a.workloads.split(","):
             continue
         out = tmp / f"{workload}-{shared}-{micro}-{checkpointing}.json"
@@ -196,7 +209,8 @@ def main() -> None:
             continue
         results.append((workload, shared, micro, checkpointing, json.loads(out.read_text())))
     print(f"\nShared-prefix training on tau2 airline, SmolLM2-135M, {a.conversations} conversations per step "
-          f"({min(lengths)}-{max(lengths)} tokens each, oracle episodes), bf16 compute on fp32 weights, "
+          f"({min(lengths)}-{max(lengths)} tokens each, oracle episodes), "
+          f"{'bf16 compute on fp32 weights' if compute() == 'bf16' else 'fp32 (this CPU has no bf16 in hardware)'}, "
           f"{a.steps - 1} timed steps, {os.cpu_count()} CPU cores\n")
     print("| workload | forward | micro-batch | checkpointing | s/step | tokens/s | peak RSS MB | vs best plain |")
     print("|---|---|---:|---|---:|---:|---:|---:|")

@@ -170,7 +170,9 @@ class DistConfig(_Part):
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     offload_device: Literal["cpu", "nvme"] = "cpu"
     nvme_path: str | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    # compute dtype (autocast; DeepSpeed / FSDP cast): auto = bf16 where the hardware computes it (GPUs
+    # from Ampere on, CPUs with AMX / AVX-512 BF16), else fp16 on older GPUs and fp32 ("no") on other CPUs
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     deepspeed_config: str | None = None  # a user JSON, checked against the run
     cpu: bool | None = None  # None: use a GPU when one is visible
     # collective timeout: a rank that waits longer than this for its peers fails instead of hanging
@@ -256,7 +258,7 @@ class StageConfig(_Part):
 
 class EvalConfig(_Part):
     max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)  # episodes per generation batch
+    batch_size: int = Field(64, gt=0)  # episodes per generation batch, the domains' episodes together
     before_first_stage: bool = True
     # episodes per held-out task of an environment domain: 1 = greedy; n > 1 = n sampled at
     # rollout.temperature, the matrix holds pass^1 and pass^k (k = 1..n) is logged as eval/<domain>/pass^k

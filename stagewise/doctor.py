@@ -130,6 +130,10 @@ def check_precision(ctx: Context) -> list[Finding]:
     from stagewise.parallel.runtime import on_cpu
 
     mp = ctx.cfg.dist.mixed_precision
+    if mp == "auto":
+        from stagewise.parallel.runtime import resolve_precision
+
+        return [Finding("precision", True, resolve_precision(ctx.cfg.dist)[1].removeprefix("dist.mixed_precision="))]
     if on_cpu(ctx.cfg.dist):
         if mp == "fp16":
             return [Finding("precision", False, "dist.mixed_precision=fp16 on CPU: no loss scaling there -> "

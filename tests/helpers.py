@@ -19,7 +19,7 @@ def tiny_raw(model_dir: Path, out: Path, stages: int = 2, steps: int = 2, **extr
         "grpo": {"micro_batch_size": 4},
         "optim": {"lr": 1.0e-3, "warmup_steps": 1},
         "eval": {"max_new_tokens": 4, "batch_size": 8},
-        # logging and dist stay at the product's defaults (TensorBoard on, bf16 autocast): tests run
+        # logging and dist stay at the product's defaults (TensorBoard on, auto precision): tests run
         # what users run; a test that needs exact fp32 arithmetic says so itself
         "stages": [{"domains": ["add"], "steps": steps}, {"domains": ["max"], "steps": steps}][:stages],
     }

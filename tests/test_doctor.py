@@ -39,15 +39,19 @@ def test_config_shapes_for_the_world_size(cfg):
 def test_precision_fp16_on_cpu_and_bf16_on_a_cpu_or_gpu_without_it(cfg, monkeypatch):
     assert not findings(cfg("dist.mixed_precision=fp16"))["precision"].ok
     monkeypatch.setattr("stagewise.machine.cpu_flags", lambda: {"fpu", "avx2"})
-    f = findings(cfg())["precision"]
+    f = findings(cfg("dist.mixed_precision=bf16"))["precision"]
     assert not f.ok and "dist.mixed_precision=no" in f.message
+    f = findings(cfg())["precision"]  # the default, auto: fp32 on such a CPU
+    assert f.ok and f.message.startswith("auto -> no (fp32: this CPU has no AMX / AVX-512 BF16"), f.message
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
-    f = findings(cfg("dist.cpu=false"), skip=("memory", "context", "disk"))["precision"]
+    f = findings(cfg("dist.cpu=false", "dist.mixed_precision=bf16"), skip=("memory", "context", "disk"))["precision"]
     assert not f.ok and f.message == "Tesla V100-SXM2-32GB has no bf16 -> dist.mixed_precision=fp16"
+    f = findings(cfg("dist.cpu=false"), skip=("memory", "context", "disk"))["precision"]
+    assert f.ok and f.message == "auto -> fp16 (Tesla V100-SXM2-32GB has no bf16)"
 
 
 def test_data_that_is_not_there(cfg, tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from stagewise.domains.base import Domain
-from stagewise.evaluation import evaluate_domain, pass_hat_k
+from stagewise.evaluation import evaluate_domain, evaluate_domains, pass_hat_k
 from stagewise.rl.episodes import EpisodeLimits
 from tests.helpers import local_generator
 from tests.plugins import AsciiChat
@@ -51,3 +51,37 @@ def test_sampled_trials_give_pass_k_independent_of_batching(tiny):
     greedy = evaluate_domain(local_generator(model, tok), tok, ascii_domain(), batch_size=8, **{**kw, "trials": 1})
     assert list(greedy.pass_k) == [1] and greedy.pass_k[1] == greedy.accuracy
 
+
+
+class Short(AsciiChat):
+    """Success = the answer has fewer than 3 characters (another domain's rule, other prompts)."""
+
+    reward_parts = ("short",)
+
+    def reward(self):
+        return {"short": float(len(self.answer or "") < 3)}
+
+
+def short_domain() -> Domain:
+    tasks = [{"prompt": f"Name {i} things.", "turns": 1} for i in range(5)]
+    return Domain("short", tasks, tasks, rewards=[("short", 1.0)], metric="short", environment=Short,
+                  reward_parts=("short",))
+
+
+@pytest.mark.parametrize("trials", [1, 3])
+def test_domains_sharing_batches_score_as_each_alone(tiny, trials):
+    """Several domains' episodes in one batch: each domain's numbers are those it gets alone, whatever
+    the batch size (a task counted under another domain, or a padding episode counted, would differ)."""
+    model, tok = tiny
+    kw = dict(max_new_tokens=3, limits=EpisodeLimits(max_turns=1, max_tokens=3), trials=trials, temperature=1.0,
+              seed=5)
+    alone = [evaluate_domain(local_generator(model, tok), tok, d, batch_size=4, **kw)
+             for d in (ascii_domain(), short_domain())]
+    for batch_size in (5 * trials, 64):
+        together = evaluate_domains(local_generator(model, tok), tok, [ascii_domain(), short_domain()],
+                                    batch_size=batch_size, **kw)
+        for a, b in zip(alone, together):
+            assert (a.accuracy, a.pass_k, a.details, a.samples) == (b.accuracy, b.pass_k, b.details, b.samples)
+    assert alone[0].details["ascii"] == pytest.approx(alone[0].accuracy)
+    assert alone[1].details["short"] == pytest.approx(alone[1].accuracy)
+    assert alone[0].details["tool_calls"] == 0 and "ascii" not in alone[1].details

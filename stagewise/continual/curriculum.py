@@ -55,10 +55,11 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
     world = runtime.world_size_from_env()
     if world == 1 and (warning := runtime.one_process_launch_warning()):
         print0(f"[stagewise] {warning}")
-    dist, note = runtime.resolve_strategy(cfg.dist, world)
-    if note:
-        cfg = cfg.model_copy(update={"dist": dist})
-        print0(f"[stagewise] {note}")
+    for resolve in (lambda d: runtime.resolve_strategy(d, world), runtime.resolve_precision):
+        dist, note = resolve(cfg.dist)
+        if note:
+            cfg = cfg.model_copy(update={"dist": dist})
+            print0(f"[stagewise] {note}")
     preflight.check_config(cfg, world)
     check_output_dir(out, resume=resume, overwrite=overwrite)
     if resume:

@@ -99,7 +99,10 @@ def evaluate_model(req: EvalRequest) -> dict:
     world = runtime.world_size_from_env()
     if world == 1 and (warning := runtime.one_process_launch_warning()):
         print0(f"[stagewise] {warning}")
-    dist = req.cfg.dist.model_copy(update={"strategy": "ddp" if world > 1 else "single"})
+    dist, note = runtime.resolve_precision(
+        req.cfg.dist.model_copy(update={"strategy": "ddp" if world > 1 else "single"}))
+    if note:
+        print0(f"[stagewise] {note}")
     cfg = req.cfg.model_copy(update={"dist": dist})
     domains = [build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}")
                for i, spec in req.domains]

@@ -14,12 +14,19 @@ previous turn) starts from all of it, so a turn prefills only what was said sinc
 then follow the conversation's own turns (the same whatever the batch), unless the budget dropped
 that prompt in between.
 
-Least recently used prompts are dropped once the stored keys and values pass ``budget_bytes``.
+Memory: what different conversations share (the whole blocks of a domain's system prompt) is
+kept once, as a *head* that their entries point to, and each entry keeps only its own tail: 40
+tau2 conversations cost one ~5k-token head and 40 tails, not 40 copies of the policy (without
+this, 40 retail conversations overflowed a 4 GiB store, and a store that overflows in a cyclic
+access pattern misses on every turn). A prompt's previous turn, once the next turn has extended
+it, is the first to be dropped; otherwise the least recently used prompts go once the stored keys
+and values pass ``budget_bytes`` (a head goes with the last entry pointing to it).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -34,12 +41,54 @@ def block_hashes(tokens: torch.Tensor, block: int) -> list[int]:
     return out
 
 
+def nbytes(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+@dataclass
+class _Head:
+    """Keys and values of a whole-block prefix several stored prompts share: (1, kv_heads, n, d) per layer."""
+    tokens: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    size: int
+    refs: int = 0
+
+
+@dataclass
+class _Entry:
+    tokens: torch.Tensor  # the whole prompt
+    head: _Head | None  # its first len(head.tokens) positions, shared; None: ``tail`` is the whole prompt
+    tail: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, the positions after the head
+    size: int  # the tail's bytes (the head is counted once, with the head)
+
+
+class _Joined:
+    """A stored prompt's layer as the sampler reads it (``.keys`` / ``.values``, the whole prompt)."""
+
+    def __init__(self, head: tuple | None, tail: tuple):
+        self._head, self._tail = head, tail
+
+    def _cat(self, i: int) -> torch.Tensor:
+        if self._head is None:
+            return self._tail[i]
+        return torch.cat([self._head[i], self._tail[i]], dim=2) if self._tail[i].size(2) else self._head[i]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._cat(0)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._cat(1)
+
+
 class PrefixStore:
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.entries: OrderedDict[int, tuple[torch.Tensor, list]] = OrderedDict()  # id -> (tokens, layers)
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # id -> entry, least recently used first
         self.index: dict[int, int] = {}  # hash of a whole-block prefix -> entry id holding it
-        self.sizes: dict[int, int] = {}
+        self.heads: dict[int, _Head] = {}  # hash of a head's whole prefix -> head
+        self.ends: dict[int, list[int]] = {}  # hash of a prompt's whole blocks -> the entries of those blocks
         self.used, self._next = 0, 0
         self.hits = self.reused_tokens = 0
 
@@ -49,41 +98,109 @@ class PrefixStore:
         longest whole-block prefix; (its length, the stored prompt's cache layers, to be cut
         there), or (0, None)."""
         hashes = block_hashes(tokens[: min(len(tokens), below - 1) // block * block], block)
+        whole = blocks = None  # (length, entry id)
         for b in range(len(hashes), 0, -1):
-            entry = self.index.get(hashes[b - 1])
-            if entry is None:
-                continue
-            stored, layers = self.entries[entry]
-            n = b * block
-            if stored.numel() >= n and torch.equal(stored[:n], tokens[:n]):  # not a hash collision
-                full = stored.numel()
-                if n < full < below and full <= tokens.numel() and torch.equal(stored, tokens[:full]):
-                    n = full  # the whole stored prompt: this conversation's previous turn
-                self.entries.move_to_end(entry)
-                self.hits += 1
-                self.reused_tokens += n
-                return n, layers
-        return 0, None
+            # stored prompts whose whole blocks are these b: is one of them a prefix of tokens?
+            for key in self.ends.get(hashes[b - 1], ()):
+                stored = self.entries[key].tokens
+                n = stored.numel()
+                if n < below and n <= tokens.numel() and (whole is None or n > whole[0]) and \
+                        torch.equal(stored, tokens[:n]):
+                    whole = (n, key)
+            if whole is not None:
+                break
+        for b in range(len(hashes), 0, -1):
+            key = self.index.get(hashes[b - 1])
+            if key is not None and torch.equal(self.entries[key].tokens[:b * block], tokens[:b * block]):
+                blocks = (b * block, key)  # (the equality rules out a hash collision)
+                break
+        if whole is None and blocks is None:
+            return 0, None
+        extended = whole is not None and (blocks is None or whole[0] >= blocks[0])
+        n, key = whole if extended else blocks
+        # a conversation's previous turn is stored again once extended: this copy is the first to go
+        self.entries.move_to_end(key, last=not extended)
+        self.hits += 1
+        self.reused_tokens += n
+        return n, self._layers(self.entries[key])
+
+    def _layers(self, entry: _Entry) -> list:
+        if entry.head is None:
+            return [_Joined(None, kv) for kv in entry.tail]
+        return [_Joined(h, t) for h, t in zip(entry.head.kv, entry.tail)]
 
     def add(self, tokens: torch.Tensor, layers: list, block: int) -> None:
         """Keep a prefilled prompt's cache (layers with ``.keys`` / ``.values``, (1, kv_heads, n, d)),
-        reachable through each of its whole-block prefixes."""
+        reachable through each of its whole-block prefixes; its whole blocks shared with another
+        conversation's stored prompt are kept once, as a head."""
         hashes = block_hashes(tokens, block)
         if not hashes or self.budget <= 0:
             return
-        size = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                   for layer in layers)
-        if size > self.budget:
+        kv = [(layer.keys, layer.values) for layer in layers]
+        if nbytes(kv) > self.budget:
             return
-        entry, self._next = self._next, self._next + 1
-        self.entries[entry] = (tokens, layers)
-        self.sizes[entry] = size
-        self.used += size
+        head = self._head_for(tokens, hashes, kv, block)
+        start = 0 if head is None else head.tokens.numel()
+        tail = [(k[:, :, start:].clone(), v[:, :, start:].clone()) if start else (k, v) for k, v in kv]
+        entry = _Entry(tokens, head, tail, nbytes(tail))
+        key, self._next = self._next, self._next + 1
+        self.entries[key] = entry
+        self.used += entry.size
+        if head is not None:
+            head.refs += 1
         for h in hashes:
-            self.index[h] = entry  # the newest prompt holding a prefix answers for it
-        while self.used > self.budget:
-            old, (old_tokens, _) = self.entries.popitem(last=False)
-            self.used -= self.sizes.pop(old)
-            for h in block_hashes(old_tokens, block):
-                if self.index.get(h) == old:
-                    del self.index[h]
+            self.index[h] = key  # the newest prompt holding a prefix answers for it
+        self.ends.setdefault(hashes[-1], []).append(key)
+        while self.used > self.budget and len(self.entries) > 1:
+            self._drop(next(iter(self.entries)), block)
+        if self.used > self.budget:  # the new prompt alone, with its head, is over the budget
+            self._drop(key, block)
+
+    def _head_for(self, tokens: torch.Tensor, hashes: list[int], kv: list, block: int) -> _Head | None:
+        """The head this prompt's first positions can point to: a stored head that is a prefix of it,
+        or a new one of the whole blocks it shares with another conversation's stored prompt (not one
+        its own previous turn: a stored prompt that this one extends)."""
+        for b in range(len(hashes), 0, -1):
+            head = self.heads.get(hashes[b - 1])
+            if head is not None and head.tokens.numel() < tokens.numel() and \
+                    torch.equal(head.tokens, tokens[:head.tokens.numel()]):
+                return head
+        for b in range(len(hashes), 0, -1):
+            key = self.index.get(hashes[b - 1])
+            if key is None:
+                continue
+            other, n = self.entries[key], b * block
+            if n >= tokens.numel() or not torch.equal(other.tokens[:n], tokens[:n]):
+                continue
+            if other.tokens.numel() <= tokens.numel() and torch.equal(other.tokens, tokens[:other.tokens.numel()]):
+                return None  # its own previous turn: nothing shared with another conversation
+            head_kv = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in kv]
+            head = _Head(tokens[:n].clone(), head_kv, nbytes(head_kv))
+            self.heads[hashes[b - 1]] = head
+            self.used += head.size
+            if other.head is None:  # the other prompt's copy of those blocks goes: it points to the head too
+                self.used -= other.size
+                other.tail = [(k[:, :, n:].clone(), v[:, :, n:].clone()) for k, v in other.tail]
+                other.size, other.head = nbytes(other.tail), head
+                self.used += other.size
+                head.refs += 1
+            return head
+        return None
+
+    def _drop(self, key: int, block: int) -> None:
+        entry = self.entries.pop(key)
+        self.used -= entry.size
+        hashes = block_hashes(entry.tokens, block)
+        for h in hashes:
+            if self.index.get(h) == key:
+                del self.index[h]
+        same_blocks = self.ends[hashes[-1]]
+        same_blocks.remove(key)
+        if not same_blocks:
+            del self.ends[hashes[-1]]
+        head = entry.head
+        if head is not None:
+            head.refs -= 1
+            if head.refs == 0:
+                self.used -= head.size
+                self.heads = {h: x for h, x in self.heads.items() if x is not head}

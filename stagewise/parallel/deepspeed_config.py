@@ -25,6 +25,11 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
     tensors live in pinned host memory; on CPU (gloo) neither helps."""
     stage = STAGES[dist.strategy]
     h2 = hidden_size * hidden_size
+    precision = dist.mixed_precision
+    if precision == "auto":
+        from stagewise.machine import auto_precision
+
+        precision = auto_precision(on_gpu, dist.strategy)[0]
     zero: dict = {"stage": stage, "overlap_comm": on_gpu, "contiguous_gradients": True,
                   "reduce_bucket_size": h2, "allgather_bucket_size": max(h2, 5 * 10**7)}
     if stage == 3:
@@ -42,8 +47,8 @@ def make_deepspeed_config(dist: DistConfig, *, micro_batch: int, grad_accum: int
         "gradient_clipping": max_grad_norm,
         # check_grad_overflow: a step with a non-finite gradient norm is skipped on every rank (the
         # run's bad-step handling relies on it; parallel/strategy.py)
-        "bf16": {"enabled": dist.mixed_precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": dist.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
         # we pass the optimizer (optim.make_adamw: DeepSpeed's CPU Adam when the optimizer is
         # offloaded from GPUs, torch's AdamW otherwise); allow it under ZeRO and with CPU offload

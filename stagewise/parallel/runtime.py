@@ -117,6 +117,23 @@ def resolve_strategy(dist: DistConfig, world_size: int) -> tuple[DistConfig, str
     return new, f"dist.strategy={dist.strategy} -> {new.strategy} (from the launcher)"
 
 
+def resolve_precision(dist: DistConfig) -> tuple[DistConfig, str | None]:
+    """``dist.mixed_precision: auto`` -> what this machine computes fast (``machine.auto_precision``):
+    bf16 on a GPU that has it (else fp16; FSDP: fp32) and on a CPU with AMX / AVX-512 BF16, fp32 on
+    other CPUs (PyTorch emulates bf16 there: 70x slower than fp32 on an AVX2 EPYC). An explicit bf16
+    on such a CPU is kept, with a note. Returns (dist, note or None)."""
+    from stagewise.machine import auto_precision, cpu_flags, cpu_has_bf16
+
+    cpu = on_cpu(dist)
+    if dist.mixed_precision == "bf16" and cpu and not cpu_has_bf16(cpu_flags()):
+        return dist, ("dist.mixed_precision=bf16 on a CPU without AMX / AVX-512 BF16: bf16 is emulated here, "
+                      "far slower than fp32 (dist.mixed_precision: auto or no runs fp32)")
+    if dist.mixed_precision != "auto":
+        return dist, None
+    new, why = auto_precision(not cpu, dist.strategy)
+    return dist.model_copy(update={"mixed_precision": new}), f"dist.mixed_precision=auto -> {new} ({why})"
+
+
 def check(dist: DistConfig, world_size: int) -> None:
     cpu = on_cpu(dist)
     if dist.mixed_precision == "fp16" and cpu:
@@ -195,6 +212,7 @@ def build_accelerator(dist: DistConfig, *, grad_accum: int, micro_batch: int, ma
 
     AcceleratorState._reset_state()  # the previous stage's accelerator settings; not the process group
     GradientState._reset_state()
+    dist = resolve_precision(dist)[0]  # the curriculum has resolved auto; a stage built alone (tests) may not
     state = PartialState()
     common = dict(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False,
                   project_config=ProjectConfiguration(project_dir=output_dir))

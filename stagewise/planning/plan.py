@@ -41,9 +41,10 @@ BY_SPEED = [("single", "none"), ("ddp", "none"), ("zero1", "none"), ("zero2", "n
 
 def prefix_cache_bytes(rollout, kv_per_token: float, rows: int, prompt_tokens: int, env: bool) -> float:
     """What the sampler's prompt cache can hold in one rollout phase (it lives for one: the weights
-    change after it): prompts of a whole prefill block or more, each kept whole, no more than
-    ``rollout.prefix_cache_gib``. A single-turn prompt is kept once per rank; an episode keeps each
-    policy turn's prompt, the last one at most ``prompt + max_episode_tokens`` long."""
+    change after it): prompts of a whole prefill block or more, no more than ``rollout.prefix_cache_gib``.
+    An upper bound: each prompt counted whole (the store keeps the whole blocks that several prompts
+    share once), a single-turn prompt once per rank, an episode each policy turn's prompt, the last
+    one at most ``prompt + max_episode_tokens`` long."""
     cap = rollout.prefix_cache_gib * GIB
     if not cap or prompt_tokens < PREFILL_BLOCK:
         return 0.0
@@ -90,7 +91,8 @@ def _dtypes(cfg: RunConfig) -> tuple[int, int, str, str]:
     """(weight bytes, compute bytes, compute dtype, residual dtype) as the strategy runs the model."""
     weight = cfg.model.dtype
     mp = cfg.dist.mixed_precision
-    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mp, weight)
+    # auto is planned as bf16: what it is on the GPUs plans are for (Ampere and later)
+    compute = {"bf16": "bfloat16", "auto": "bfloat16", "fp16": "float16"}.get(mp, weight)
     if cfg.dist.strategy.startswith("zero") or cfg.dist.strategy == "fsdp":
         residual = compute  # DeepSpeed casts the module; FSDP gathers it in param_dtype
     else:

@@ -220,3 +220,44 @@ def test_cuda_attention_takes_a_kernel_that_returns_the_log_sum_exp(monkeypatch)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     assert seen == [((2, 3, 4, 4), True, False, 0.5)]
+
+
+def test_prefix_store_keeps_what_conversations_share_once():
+    """Three conversations opening with the same two blocks: those blocks are stored once (a head),
+    each conversation's own positions in its entry; every lookup returns the prompt's own keys and
+    values; a conversation's previous turn is dropped first, and a head goes with its last entry."""
+    from types import SimpleNamespace
+
+    from stagewise.generation.prefix_store import PrefixStore
+
+    def kv_of(tokens):  # one layer, 1 kv head of width 2 (16 bytes per token): keys tell the tokens apart
+        k = tokens.float()[None, None, :, None].expand(1, 1, -1, 2).contiguous()
+        return [SimpleNamespace(keys=k, values=-k)]
+
+    system = torch.arange(8)  # two blocks of 4
+    convs = [torch.cat([system, torch.tensor([100 + i, 200 + i, 300 + i])]) for i in range(3)]
+    store = PrefixStore(budget_bytes=16 * 39)
+    for c in convs:
+        store.add(c, kv_of(c), block=4)
+    assert len(store.heads) == 1 and store.used == 16 * (8 + 3 * 3)  # not 3 x 11
+    for c in convs:
+        n, layers = store.longest(torch.cat([c, torch.tensor([7])]), 4, below=12)
+        assert n == 11 and torch.equal(layers[0].keys, kv_of(c)[0].keys)
+        assert torch.equal(layers[0].values, -layers[0].keys)
+    # conversation 0's next turn: it extends the whole stored turn and points to the head; 8 + 3 x 3 + 23
+    # tokens are over the budget, and the turn it extended goes first (not the others, used since)
+    turn = torch.cat([convs[0], torch.arange(500, 520)])
+    assert store.longest(turn, 4, below=len(turn))[0] == 11
+    store.add(turn, kv_of(turn), block=4)
+    assert sorted((e.tokens[8].item(), e.tokens.numel()) for e in store.entries.values()) == \
+        [(100, 31), (101, 11), (102, 11)]
+    assert store.used == 16 * (8 + 2 * 3 + 23)
+    head = next(iter(store.heads.values()))
+    assert all(e.head is head for e in store.entries.values()) and head.refs == 3
+    n, layers = store.longest(torch.cat([turn, torch.tensor([7])]), 4, below=len(turn) + 1)
+    assert n == len(turn) and torch.equal(layers[0].keys, kv_of(turn)[0].keys)
+    assert store.longest(torch.cat([convs[0], torch.tensor([7])]), 4, below=12)[0] == 8  # its old turn: gone
+    # the head goes with the last entry that points to it
+    for key in list(store.entries):
+        store._drop(key, 4)
+    assert store.used == 0 and not store.heads and not store.index
