@@ -18,7 +18,8 @@ agent instructions, the airline policy, 14 tool schemas), then a few hundred tok
   rollout batch of 8 episodes of 8 different tasks (`rl/rollout.batch_from_episodes`), shared =
   `grpo.shared_prefix: true`; sampling is the same for both and not timed here.
 
-Each variant runs in its own process (its peak RSS is its own); the first step is not timed.
+Each variant runs in its own process (its peak RSS is its own); the first step is not timed, unless
+it is the only one (`--steps 1`: where a step takes minutes, its warm-up is noise).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def worker_sft(a) -> dict:
     rows = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "stage_step" in r]
     assert all(r["shared_prefix"] == float(a.shared) for r in steps), "the step took the other path"
-    timed = steps[1:]
+    timed = steps[1:] or steps
     t = sum(r["step_time"] for r in timed)
     return {"tokens_per_s": sum(r["tokens_per_s"] * r["step_time"] for r in timed) / t, "s_per_step": t / len(timed),
             "peak_rss_mb": peak_rss_mb(), "loss": [round(r["loss"], 4) for r in steps]}
@@ -154,7 +155,8 @@ def worker_grpo(a) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.time() - t0)
     tokens = int((batch.prompt_mask.sum() + batch.completion_mask.sum()).item())
-    t = sum(times[1:]) / len(times[1:])
+    timed = times[1:] or times
+    t = sum(timed) / len(timed)
     return {"tokens_per_s": tokens / t, "s_per_step": t, "peak_rss_mb": peak_rss_mb(),
             "prompt_tokens": int(batch.prompt_mask.sum(1).float().mean()),
             "episode_tokens": int(batch.completion_mask.sum(1).float().mean())}
@@ -173,7 +175,7 @@ SLOW_PLAIN = [("sft", False, 8, True), ("grpo", False, 8, True)]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--conversations", type=int, default=8, help="conversations (episodes) per step")
-    p.add_argument("--steps", type=int, default=2, help="steps per variant; the first is not timed")
+    p.add_argument("--steps", type=int, default=2, help="steps per variant; the first is not timed (unless alone)")
     p.add_argument("--workloads", default="sft,grpo", help="which to measure: sft, grpo or both")
     p.add_argument("--all", action="store_true", help="also the plain forward at micro-batch 8 (> 7 min a step here)")
     p.add_argument("--worker", choices=["sft", "grpo"])
@@ -211,7 +213,7 @@ def main() -> None:
     print(f"\nShared-prefix training on tau2 airline, SmolLM2-135M, {a.conversations} conversations per step "
           f"({min(lengths)}-{max(lengths)} tokens each, oracle episodes), "
           f"{'bf16 compute on fp32 weights' if compute() == 'bf16' else 'fp32 (this CPU has no bf16 in hardware)'}, "
-          f"{a.steps - 1} timed steps, {os.cpu_count()} CPU cores\n")
+          f"{max(a.steps - 1, 1)} timed step(s), {os.cpu_count()} CPU cores\n")
     print("| workload | forward | micro-batch | checkpointing | s/step | tokens/s | peak RSS MB | vs best plain |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for workload in ("sft", "grpo"):
