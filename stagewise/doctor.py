@@ -139,8 +139,9 @@ def check_precision(ctx: Context) -> list[Finding]:
             return [Finding("precision", False, "dist.mixed_precision=fp16 on CPU: no loss scaling there -> "
                                                 "dist.mixed_precision=bf16 (or no)")]
         if mp == "bf16" and cpu_bf16(cpu_flags()).startswith("no"):
-            return [Finding("precision", False, "bf16 on a CPU without AMX / AVX-512 BF16 is emulated (slower than "
-                                                "fp32) -> dist.mixed_precision=no")]
+            # slow, not wrong (a run may want bf16's numbers on a CPU): a warning, the launch goes on
+            return [Finding("precision", True, "bf16 on a CPU without AMX / AVX-512 BF16 is emulated (far slower "
+                                               "than fp32) -> dist.mixed_precision=auto (or no)", warn=True)]
         return [Finding("precision", True, f"{mp} on CPU (bf16 in hardware: {cpu_bf16(cpu_flags())})")]
     if mp == "bf16" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(0)

@@ -28,6 +28,14 @@ def tiny_raw(model_dir: Path, out: Path, stages: int = 2, steps: int = 2, **extr
     return raw
 
 
+def default_compute_dtype() -> str:
+    """What the product's default precision (dist.mixed_precision: auto) trains in on this CPU: bf16 with
+    AMX / AVX-512 BF16, fp32 without (PyTorch emulates bf16 there, far slower)."""
+    from stagewise.machine import cpu_flags, cpu_has_bf16
+
+    return "bfloat16" if cpu_has_bf16(cpu_flags()) else "float32"
+
+
 def tiny_config(model_dir: Path, out: Path, overrides=(), **kw):
     return load_config(raw=tiny_raw(model_dir, out, **kw), overrides=list(overrides))
 

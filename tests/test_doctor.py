@@ -39,8 +39,8 @@ def test_config_shapes_for_the_world_size(cfg):
 def test_precision_fp16_on_cpu_and_bf16_on_a_cpu_or_gpu_without_it(cfg, monkeypatch):
     assert not findings(cfg("dist.mixed_precision=fp16"))["precision"].ok
     monkeypatch.setattr("stagewise.machine.cpu_flags", lambda: {"fpu", "avx2"})
-    f = findings(cfg("dist.mixed_precision=bf16"))["precision"]
-    assert not f.ok and "dist.mixed_precision=no" in f.message
+    f = findings(cfg("dist.mixed_precision=bf16"))["precision"]  # slow, not wrong: a warning, nothing refused
+    assert f.ok and f.warn and "dist.mixed_precision=auto (or no)" in f.message
     f = findings(cfg())["precision"]  # the default, auto: fp32 on such a CPU
     assert f.ok and f.message.startswith("auto -> no (fp32: this CPU has no AMX / AVX-512 BF16"), f.message
     import torch

@@ -29,9 +29,9 @@ def test_two_stages_end_to_end(tiny_model_dir, tmp_path):
         assert key in steps[0], key
     # the product's default precision: fp32 master weights, the training forward computed in bf16 where
     # the CPU computes it in hardware (auto), else in fp32
-    from stagewise.machine import cpu_flags, cpu_has_bf16
+    from tests.helpers import default_compute_dtype
 
-    compute = "bfloat16" if cpu_has_bf16(cpu_flags()) else "float32"
+    compute = default_compute_dtype()
     assert [(r["stage"], r["train_compute_dtype"]) for r in steps if "train_compute_dtype" in r] == [
         (1, compute), (2, compute)]
     assert {r["master_dtype"] for r in rows if "master_dtype" in r} == {"float32"}

@@ -11,7 +11,7 @@ import torch
 
 from stagewise.config import load_config
 from stagewise.continual.curriculum import run_curriculum
-from tests.helpers import load_weights
+from tests.helpers import default_compute_dtype, load_weights
 
 
 def write_data(path, n=48, bad_lines=()):
@@ -62,7 +62,8 @@ def test_mixed_sft_then_grpo_curriculum_hands_over_and_fills_one_report(tiny_cha
     # the GRPO stage started from the SFT stage's export: its completions are already full of 7s
     grpo = [r for r in rows if r["stage"] == 2]
     assert grpo[0]["reward"] > 0.15, grpo[0]["reward"]  # a random tiny model: ~0.01
-    assert grpo[0]["train_compute_dtype"] == "bfloat16" and rows[0]["train_compute_dtype"] == "bfloat16"
+    compute = default_compute_dtype()  # the default precision on this CPU
+    assert grpo[0]["train_compute_dtype"] == compute and rows[0]["train_compute_dtype"] == compute
     report = (out / "report.md").read_text()
     assert "Held-out loss matrix" in report and "Accuracy matrix" in report and "| 1 | sft |" in report
     for png in ("loss_matrix.png", "accuracy_matrix.png", "sft_loss_curves.png", "reward_curves.png"):
@@ -174,7 +175,7 @@ def test_seed_memory_setup_zero3_offload_checkpointing_auto_batch(tiny_chat_dir,
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "z3"
     raw = sft_raw(tiny_chat_dir, out, data, steps=4, sft={"micro_batch_size": "auto"},
-                  dist={"strategy": "zero3", "offload": "optimizer_and_params"},
+                  dist={"strategy": "zero3", "offload": "optimizer_and_params", "mixed_precision": "bf16"},
                   model={"gradient_checkpointing": True}, eval={"before_first_stage": False})
     run_curriculum(load_config(raw=raw))
     ds = json.loads((out / "deepspeed_config" / "ds_config_zero3.json").read_text())
