@@ -163,11 +163,13 @@ def worker_grpo(a) -> dict:
 
 
 VARIANTS = [  # (workload, shared, micro-batch, gradient checkpointing): the plain forward at its best here
-    # (one ~6k-token row per micro-batch without checkpointing: ~12 GB). The plain forward with 8 rows
-    # per micro-batch needs checkpointing to fit and took > 7 min a step (padded 8 x 7.5k tokens,
-    # recomputed): slower than micro-batch 1, so not the plain forward's best; `--all` adds it.
-    ("sft", False, 1, False), ("sft", True, 8, True), ("sft", True, 8, False),
-    ("grpo", False, 1, False), ("grpo", True, 8, True),
+    # One ~6k-token row per micro-batch without checkpointing: ~12 GB in bf16 autocast; in fp32 (a CPU
+    # without bf16 hardware) it was killed for memory on a 24 GB machine, hence also the row with
+    # checkpointing. The plain forward with 8 rows per micro-batch needs checkpointing to fit and took
+    # > 7 min a step with AMX (padded 8 x 7.5k tokens, recomputed): slower than micro-batch 1, so not
+    # the plain forward's best; `--all` adds it.
+    ("sft", False, 1, False), ("sft", False, 1, True), ("sft", True, 8, True), ("sft", True, 8, False),
+    ("grpo", False, 1, False), ("grpo", False, 1, True), ("grpo", True, 8, True),
 ]
 SLOW_PLAIN = [("sft", False, 8, True), ("grpo", False, 8, True)]
 
