@@ -126,7 +126,7 @@ def check_shapes(ctx: Context) -> list[Finding]:
 def check_precision(ctx: Context) -> list[Finding]:
     import torch
 
-    from stagewise.machine import cpu_bf16, cpu_flags
+    from stagewise.machine import cpu_bf16, cpu_flags, cpu_has_bf16
     from stagewise.parallel.runtime import on_cpu
 
     mp = ctx.cfg.dist.mixed_precision
@@ -138,7 +138,7 @@ def check_precision(ctx: Context) -> list[Finding]:
         if mp == "fp16":
             return [Finding("precision", False, "dist.mixed_precision=fp16 on CPU: no loss scaling there -> "
                                                 "dist.mixed_precision=bf16 (or no)")]
-        if mp == "bf16" and cpu_bf16(cpu_flags()).startswith("no"):
+        if mp == "bf16" and not cpu_has_bf16(cpu_flags()):
             # slow, not wrong (a run may want bf16's numbers on a CPU): a warning, the launch goes on
             return [Finding("precision", True, "bf16 on a CPU without AMX / AVX-512 BF16 is emulated (far slower "
                                                "than fp32) -> dist.mixed_precision=auto (or no)", warn=True)]

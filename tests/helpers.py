@@ -31,9 +31,9 @@ def tiny_raw(model_dir: Path, out: Path, stages: int = 2, steps: int = 2, **extr
 def default_compute_dtype() -> str:
     """What the product's default precision (dist.mixed_precision: auto) trains in on this CPU: bf16 with
     AMX / AVX-512 BF16, fp32 without (PyTorch emulates bf16 there, far slower)."""
-    from stagewise.machine import cpu_flags, cpu_has_bf16
+    from stagewise.machine import auto_precision
 
-    return "bfloat16" if cpu_has_bf16(cpu_flags()) else "float32"
+    return "bfloat16" if auto_precision(on_gpu=False)[0] == "bf16" else "float32"
 
 
 def tiny_config(model_dir: Path, out: Path, overrides=(), **kw):
