@@ -1,6 +1,6 @@
 """stagewise GRPO vs TRL GRPOTrainer on this machine, same settings; prints a table.
 
-    make bench                                   # installs TRL (dev-only), runs fp32 and bf16
+    make bench                                   # installs TRL (dev-only); fp32, and bf16 where the CPU has it
     .venv/bin/python benchmarks/grpo_vs_trl.py --steps 6 --precision bf16
 
 Same model (bundled SmolLM2-135M-Instruct), same prompts (the built-in `max` domain, identical
@@ -186,7 +186,9 @@ def worker_floor(a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default=None,
+                   help="default: both where this CPU has bf16 in hardware (AMX / AVX-512 BF16), else fp32 "
+                        "(PyTorch emulates bf16 matmuls there, ~70x slower: it would time the emulation)")
     p.add_argument("--steps", type=int, default=6, help="steps per run; the first is not timed")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
@@ -198,6 +200,10 @@ def main() -> None:
         res = {"stagewise": worker_stagewise, "trl": worker_trl, "floor": worker_floor}[a.worker](a)
         Path(a.out).write_text(json.dumps(res))
         return
+    if a.precision is None:
+        from stagewise.machine import cpu_flags, cpu_has_bf16
+
+        a.precision = "both" if cpu_has_bf16(cpu_flags()) else "fp32"
     precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
     table = []
     for prec in precisions:

@@ -5,11 +5,13 @@
 
 Same model (bundled SmolLM2-135M-Instruct), same data (the profile/history records of
 examples/profile_history, as system + user prompt and assistant completion), same sequence length,
-packing on, loss on the completion only, same global batch (packed rows per step), bf16 compute
-on fp32 weights, AdamW at the same lr, same number of steps, and gradient checkpointing on both
-sides (TRL's default; `--no-gradient-checkpointing` turns it off on both). Each side runs in its own process so
-its peak RSS is its own; the first step (warm-up) is not timed. tokens/s counts real (non-padding)
-tokens of the packed rows, the same definition on both sides.
+packing on, loss on the completion only, same global batch (packed rows per step), the same
+precision (the product's default: bf16 compute on fp32 weights where the CPU has bf16 in hardware,
+AMX / AVX-512 BF16, fp32 elsewhere; `--precision` picks one), AdamW at the same lr, same number of
+steps, and gradient checkpointing on both sides (TRL's default; `--no-gradient-checkpointing` turns
+it off on both). Each side runs in its own process so its peak RSS is its own; the first step
+(warm-up) is not timed. tokens/s counts real (non-padding) tokens of the packed rows, the same definition
+on both sides.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def worker_stagewise(a) -> dict:
            "model": {"gradient_checkpointing": a.gradient_checkpointing},
            "sft": {"batch_size": a.batch, "micro_batch_size": a.batch, "max_seq_len": a.max_len, "packing": True},
            "optim": {"lr": 1e-4, "schedule": "constant", "max_grad_norm": 1.0},
-           "dist": {"mixed_precision": "bf16"}, "eval": {"before_first_stage": False, "held_out_loss": False},
+           "dist": {"mixed_precision": a.precision}, "eval": {"before_first_stage": False, "held_out_loss": False},
            "logging": {"progress": False, "report_to": []},
            "stages": [{"kind": "sft", "domains": ["d"], "steps": a.steps}]}
     run_curriculum(load_config(raw=raw))
@@ -123,8 +125,8 @@ def worker_trl(a) -> dict:
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-sft-trl-"), per_device_train_batch_size=a.batch,
                     gradient_accumulation_steps=1, max_length=a.max_len, packing=True, completion_only_loss=True,
                     learning_rate=1e-4, lr_scheduler_type="constant", max_steps=a.steps, logging_steps=1,
-                    report_to=[], save_strategy="no", use_cpu=True, bf16=True, max_grad_norm=1.0, seed=0,
-                    dataloader_num_workers=0, gradient_checkpointing=a.gradient_checkpointing)
+                    report_to=[], save_strategy="no", use_cpu=True, bf16=a.precision == "bf16", max_grad_norm=1.0,
+                    seed=0, dataloader_num_workers=0, gradient_checkpointing=a.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
@@ -141,9 +143,15 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--n", type=int, default=480, help="records")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--precision", choices=["bf16", "no"], default=None,
+                   help="both sides' compute (default: what stagewise's dist.mixed_precision: auto picks on this CPU)")
     p.add_argument("--worker", choices=["stagewise", "trl"])
     p.add_argument("--out")
     a = p.parse_args()
+    if a.precision is None:
+        from stagewise.machine import auto_precision
+
+        a.precision = auto_precision(on_gpu=False)[0]
     if a.worker:
         res = {"stagewise": worker_stagewise, "trl": worker_trl}[a.worker](a)
         Path(a.out).write_text(json.dumps(res))
@@ -153,7 +161,7 @@ def main() -> None:
         out = tempfile.mktemp(suffix=".json")
         print(f"[bench] {w} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--worker", w, "--out", out, "--steps", str(a.steps), "--batch",
-                        str(a.batch), "--max-len", str(a.max_len), "--n", str(a.n)]
+                        str(a.batch), "--max-len", str(a.max_len), "--n", str(a.n), "--precision", a.precision]
                        + ([] if a.gradient_checkpointing else ["--no-gradient-checkpointing"]), check=True,
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)

@@ -3,6 +3,7 @@ training phase of a GRPO step, side by side in one run; prints a table.
 
     make bench-prefix                                    # = .venv/bin/python benchmarks/shared_prefix.py
     .venv/bin/python benchmarks/shared_prefix.py --conversations 8 --steps 3
+    .venv/bin/python benchmarks/shared_prefix.py --steps 1 --checkpointed-only   # fp32 CPU, 24 GB
 
 Data: the tau2 oracle's episodes on airline's training tasks (scripted customer), the demonstrations
 `stagewise demos` writes: every conversation opens with the same ~5k-token system prompt (tau2's
@@ -17,6 +18,10 @@ agent instructions, the airline policy, 14 tool schemas), then a few hundred tok
 - GRPO: the training phase of a step (log-probs + entropy, the DAPO loss, backward, AdamW) on a
   rollout batch of 8 episodes of 8 different tasks (`rl/rollout.batch_from_episodes`), shared =
   `grpo.shared_prefix: true`; sampling is the same for both and not timed here.
+
+The table's header gives the most sharing can save on these conversations by counting multiply-adds
+(``flop_bound``): each tail still attends to the whole prefix, so with 8 conversations of ~5k
+shared and ~1k own tokens it is ~3x, not the 8x of the prefix's tokens alone.
 
 Each variant runs in its own process (its peak RSS is its own); the first step is not timed, unless
 it is the only one (`--steps 1`: where a step takes minutes, its warm-up is noise).
@@ -83,6 +88,31 @@ def oracle_episodes(n: int, demos: Path | None = None):
     if demos is not None:
         demos.write_text("".join(json.dumps(episode_record(e, "oracle")) + "\n" for e in episodes))
     return episodes, tok
+
+
+def flop_bound(rows: list[list[int]], head_tokens: int, cfg) -> float:
+    """The most the shared prefix can save here, by counting a forward's multiply-adds (backward and
+    recomputation scale both paths alike): plain = every row whole, shared = each prefix once
+    (``prefix_groups``, as the product plans it) and every tail attending to it. Per token: the
+    layers' weight matmuls; per (query, key) pair: the scores and the weighted sum; the output head
+    on the tokens that are scored (the same for both). -> plain / shared."""
+    from stagewise.prefix_sharing import prefix_groups
+
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    d = getattr(cfg, "head_dim", None) or h // heads
+    per_token = 2 * layers * (2 * h * heads * d + 2 * h * kv * d + 3 * h * inter)
+    per_pair = 4 * layers * heads * d
+
+    def causal(n: int) -> float:
+        return n * per_token + n * (n + 1) / 2 * per_pair
+
+    head = head_tokens * 2 * h * cfg.vocab_size
+    plain = sum(causal(len(r)) for r in rows) + head
+    shared = head
+    for L, members in prefix_groups(rows):
+        shared += causal(L) + sum(causal(len(rows[m]) - L) + (len(rows[m]) - L) * L * per_pair for m in members)
+    return plain / shared
 
 
 def compute() -> str:
@@ -180,6 +210,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="steps per variant; the first is not timed (unless alone)")
     p.add_argument("--workloads", default="sft,grpo", help="which to measure: sft, grpo or both")
     p.add_argument("--all", action="store_true", help="also the plain forward at micro-batch 8 (> 7 min a step here)")
+    p.add_argument("--checkpointed-only", action="store_true",
+                   help="only the rows with gradient checkpointing (fp32 on a 24 GB machine: the others run out "
+                        "of memory, or near it)")
     p.add_argument("--worker", choices=["sft", "grpo"])
     p.add_argument("--shared", action="store_true")
     p.add_argument("--micro", type=int, default=8)
@@ -194,11 +227,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     demos = tmp / "airline_demos.jsonl"
     print("[bench] oracle demonstrations of airline's training tasks ...", flush=True)
-    episodes, _ = oracle_episodes(a.conversations * a.steps, demos)
+    # one more than the steps learn: the chat domain holds one conversation out for its evaluation
+    episodes, _ = oracle_episodes(a.conversations * a.steps + 1, demos)
     lengths = [len(e.prompt) + len(e.tokens) for e in episodes]
+    from transformers import AutoConfig
+
+    from stagewise.models import resolve_model_path
+
+    model_cfg = AutoConfig.from_pretrained(resolve_model_path(BUNDLED))
+    first = episodes[:a.conversations]  # one step's batch
+    rows = [e.prompt + e.tokens for e in first]
+    bound = {"sft": flop_bound(rows, sum(sum(e.policy_mask) for e in first), model_cfg),
+             "grpo": flop_bound(rows, sum(len(e.tokens) for e in first), model_cfg)}
     results = []
     for workload, shared, micro, checkpointing in VARIANTS + (SLOW_PLAIN if a.all else []):
-        if micro > a.conversations or workload not in a.workloads.split(","):
+        if micro > a.conversations or workload not in a.workloads.split(",") or (a.checkpointed_only
+                                                                                  and not checkpointing):
             continue
         out = tmp / f"{workload}-{shared}-{micro}-{checkpointing}.json"
         print(f"[bench] {workload}, {'shared prefix' if shared else 'plain'}, micro-batch {micro}"
@@ -216,6 +260,8 @@ def main() -> None:
           f"({min(lengths)}-{max(lengths)} tokens each, oracle episodes), "
           f"{'bf16 compute on fp32 weights' if compute() == 'bf16' else 'fp32 (this CPU has no bf16 in hardware)'}, "
           f"{max(a.steps - 1, 1)} timed step(s), {os.cpu_count()} CPU cores\n")
+    print("The most sharing can save here, counting a forward's multiply-adds (`flop_bound`): "
+          + ", ".join(f"{w} {b:.2f}x" for w, b in bound.items()) + "\n")
     print("| workload | forward | micro-batch | checkpointing | s/step | tokens/s | peak RSS MB | vs best plain |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for workload in ("sft", "grpo"):

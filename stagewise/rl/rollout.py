@@ -56,7 +56,10 @@ class RolloutBatch:
         return self.rows(list(range(start, min(end, len(self)))))
 
     def rows(self, index: list[int]) -> RolloutBatch:
-        """The rows ``index``, in that order; completion columns trimmed to the longest row in it."""
+        """The rows ``index``, in that order; prompt columns trimmed to the longest prompt in it, and
+        completion columns to the longest completion. Why the prompts too: a row's left padding makes
+        the plain forward pass a padding mask to sdpa, whose masked kernel is ~1.4x slower than the
+        causal one on a 6k-token row (CPU, fp32); an unpadded micro-batch needs no mask."""
         at = torch.tensor(index, dtype=torch.long)
         kw = {}
         for f in fields(self):
@@ -68,6 +71,8 @@ class RolloutBatch:
             elif isinstance(v, list):
                 kw[f.name] = [v[i] for i in index] if v else []
         mb = replace(self, **kw)
+        prompt_width = max(int(mb.prompt_mask.sum(-1).max()), 1)  # left-padded: the real tokens are the last
+        mb.prompt_ids, mb.prompt_mask = mb.prompt_ids[:, -prompt_width:], mb.prompt_mask[:, -prompt_width:]
         width = max(int(mb.completion_mask.sum(-1).max()), 1)
         for name in ("completion_ids", "completion_mask", "policy_mask", "loss_mask", "engine_logp", "old_logp",
                      "ref_logp"):
