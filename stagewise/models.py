@@ -71,11 +71,10 @@ def gguf_cache_dir(gguf: Path) -> Path:
     Hashing reads the file: well under a second for the bundled ~100 MB, ~1 s a GB."""
     import transformers
 
-    digest = hashlib.sha1(f"transformers {transformers.__version__}\n".encode())
     with gguf.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+        content = hashlib.file_digest(f, "sha1").hexdigest()
+    key = hashlib.sha1(f"{content} transformers {transformers.__version__}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def convert_gguf(gguf: Path) -> Path:
