@@ -367,3 +367,8 @@ def test_the_oracle_looks_ids_up_before_it_uses_them(name, left):
         calls = {r[0]: r[3] for r in rows}["19"]
         assert [(c.name, c.lookup) for c in calls] == [("get_user_details", True), ("cancel_reservation", False)]
         assert calls[0].arguments == {"user_id": "olivia_gonzalez_2305"}
+        # task 16: "the cheapest economy flight, the day after the original reservation": the profile shows
+        # the reservation, the reservation its airports and date, a search (three arguments) the new flights
+        task16 = {r[0]: r for r in rows}["16"]
+        assert task16[1:3] == (5, 0)
+        assert [c.name for c in task16[3]][:3] == ["get_user_details", "get_reservation_details", "search_onestop_flight"]
