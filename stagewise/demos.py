@@ -137,6 +137,14 @@ def kept(e: Episode, min_reward: float | None) -> bool:
     return e.domain.succeeded(e.parts)
 
 
+def agent_dtype(cfg: RunConfig) -> torch.dtype:
+    """The local model agent's dtype: bf16 where ``dist.mixed_precision`` resolves to it (a GPU, a CPU
+    with AMX / AVX-512 BF16), else fp32 (other CPUs emulate bf16, ~70x slower than fp32)."""
+    from stagewise.parallel.runtime import resolve_precision
+
+    return torch.bfloat16 if resolve_precision(cfg.dist)[0].mixed_precision == "bf16" else torch.float32
+
+
 def find_domain(domains: list[Domain], name: str) -> Domain:
     for d in domains:
         if d.name == name:
@@ -187,7 +195,7 @@ def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: st
             path = resolve_model_path(model) if model else student
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             lm = load_model(path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                            dtype=torch.bfloat16).to(device).eval()
+                            dtype=agent_dtype(cfg)).to(device).eval()
             generator = LocalGenerator(lm, tok, device=device, prefix_cache_gib=r.prefix_cache_gib)
         with torch.no_grad():
             for i in range(0, len(tasks), batch):

@@ -132,3 +132,33 @@ def test_the_model_agent_and_bad_arguments(tmp_path, tiny_chat_dir, capsys):
     assert "--domain nope: the config has no such domain (has add)" in capsys.readouterr().err
     assert main(["demos", str(cfg), "--domain", "add", "--agent", "endpoint", "--out", str(out)]) == 2
     assert "--agent endpoint needs --url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,dtype", [({"avx2"}, "float32"), ({"avx2", "amx_bf16"}, "bfloat16")])
+def test_the_model_agent_decodes_in_what_this_cpu_computes(tmp_path, tiny_chat_dir, monkeypatch, flags, dtype):
+    """dist.mixed_precision: auto, as the product's default: bf16 only where the CPU has it in hardware."""
+    import torch
+
+    import stagewise.demos as demos
+    import stagewise.machine as machine
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = []
+    real = demos.load_model
+    monkeypatch.setattr(demos, "load_model", lambda *a, **k: loaded.append(k["dtype"]) or real(*a, **k))
+    raw = {"model": {"name_or_path": str(tiny_chat_dir)}, "output_dir": str(tmp_path / "run"),
+           "domains": [{"name": "add", "eval_size": 2, "train_size": 2}], "stages": [{"domains": ["add"], "steps": 1}],
+           "rollout": {"max_new_tokens": 2}}
+    cfg = load_config(_write(tmp_path, raw))
+    dom = build_domain(cfg.domains[0], seed=0)
+    write_demos(cfg, [dom], domain="add", split="train", agent="model", min_reward=-1, out=tmp_path / "m.jsonl",
+                log=lambda _: None)
+    assert loaded == [getattr(torch, dtype)]
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
