@@ -371,4 +371,5 @@ def test_the_oracle_looks_ids_up_before_it_uses_them(name, left):
         # the reservation, the reservation its airports and date, a search (three arguments) the new flights
         task16 = {r[0]: r for r in rows}["16"]
         assert task16[1:3] == (5, 0)
-        assert [c.name for c in task16[3]][:3] == ["get_user_details", "get_reservation_details", "search_onestop_flight"]
+        names = [c.name for c in task16[3]]
+        assert names[:3] == ["get_user_details", "get_reservation_details", "search_onestop_flight"]
