@@ -4,7 +4,8 @@
 
 Each step (a round):  sample prompts  ->  G episodes each from the current policy  ->  rewards  ->
 keep the episodes that pass (``rft.keep: pass``: the domain's metric reaches 1.0) or each group's
-best (``best``: the highest reward of the group, when it reaches ``rft.min_reward``)  ->  one
+best (``best``: the highest reward of the group, when it reaches ``rft.min_reward``), never an
+environment's episode cut off by a limit (``unfinished_rows``)  ->  one
 optimizer step of supervised learning on the kept episodes' policy tokens (their mean negative
 log-likelihood over every process)  ->  metrics, checkpoint. A round in which no process kept
 anything takes no optimizer step.
@@ -81,7 +82,8 @@ def train_rft_stage(job: StageJob) -> StageResult:
         passed = torch.tensor([dom.succeeded({k: float(v[g * group_size + j]) for k, v in batch.reward_parts.items()})
                                if rft_cfg.keep == "pass" else False
                                for g, (dom, _) in enumerate(mine) for j in range(group_size)])
-        keep = kept_rows(batch.rewards.cpu(), passed, group_size, rft_cfg.keep, rft_cfg.min_reward)
+        keep = kept_rows(batch.rewards.cpu(), passed, group_size, rft_cfg.keep, rft_cfg.min_reward,
+                         unfinished=unfinished_rows(mine, group_size, batch.truncated.cpu()))
         batch.loss_mask = (batch.completion_mask * batch.policy_mask) * keep[:, None].to(run.device).float()
         n_seq, n_tok = global_counts(batch.loss_mask, run.device)
 
@@ -125,16 +127,29 @@ def kept_micro_batches(batch: RolloutBatch, keep: torch.Tensor, micro: int, accu
 
 
 def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep: str,
-              min_reward: float) -> torch.Tensor:
+              min_reward: float, unfinished: torch.Tensor | None = None) -> torch.Tensor:
     """rewards (B,), passed (B,) bool, rows of a group contiguous -> (B,) bool: the demonstrations.
-    pass: the rows that passed; best: each group's first highest-reward row, when it reaches min_reward."""
+    pass: the rows that passed; best: each group's first highest-reward row, when it reaches min_reward.
+    unfinished (B,) bool: rows that are never kept, whatever their reward."""
+    eligible = torch.ones_like(passed, dtype=torch.bool) if unfinished is None else ~unfinished.bool()
     if keep == "pass":
-        return passed.bool()
-    groups = rewards.view(-1, group_size)
+        return passed.bool() & eligible
+    groups = rewards.float().masked_fill(~eligible, float("-inf")).view(-1, group_size)
     best = groups.argmax(dim=1)
     out = torch.zeros_like(groups, dtype=torch.bool)
     out[torch.arange(groups.size(0)), best] = groups.max(dim=1).values >= min_reward
     return out.view(-1)
+
+
+def unfinished_rows(examples: list, group_size: int, truncated: torch.Tensor) -> torch.Tensor:
+    """examples: (domain, example) per group; truncated (B,) -> (B,) bool: the environment episodes cut
+    off by a limit (rollout.max_turns, max_episode_tokens, a turn's max_new_tokens). They never ended:
+    learning one teaches going on (a tau2 agent that made every expected call and never answered
+    earns partial credit, and can be its group's best). A single-turn completion cut at
+    max_new_tokens is its answer as scored, and stays eligible."""
+    env = torch.tensor([dom.environment is not None for dom, _ in examples for _ in range(group_size)],
+                       dtype=torch.bool)
+    return env & truncated.bool()
 
 
 def check_rft_stage(cfg: RunConfig, i: int, world: int) -> None:

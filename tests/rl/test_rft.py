@@ -27,6 +27,24 @@ def test_kept_rows_pass_and_best_of_group():
                                                                     False, True, False, False]
 
 
+def test_episodes_cut_off_by_a_limit_are_never_kept():
+    from types import SimpleNamespace
+
+    from stagewise.rl.rft import unfinished_rows
+
+    rewards = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.0, 0.3, 0.1, 0.2])
+    passed = torch.tensor([False, True, False, False, False, False, False, True])
+    truncated = torch.tensor([False, True, False, False, True, True, True, True])
+    env, single = SimpleNamespace(environment=object()), SimpleNamespace(environment=None)
+    unfinished = unfinished_rows([(env, {}), (env, {})], 4, truncated)
+    assert unfinished.tolist() == truncated.tolist()
+    # the best row was cut off: the group's best among the others; a group all cut off keeps nothing
+    assert kept_rows(rewards, passed, 4, "best", 0.25, unfinished).tolist() == [False, False, True, False] + [False] * 4
+    assert kept_rows(rewards, passed, 4, "pass", 0.5, unfinished).tolist() == [False] * 8
+    # a single-turn completion cut at max_new_tokens is its answer: still kept
+    assert not unfinished_rows([(single, {}), (env, {})], 4, truncated)[:4].any()
+
+
 def test_only_kept_rows_are_computed_and_every_process_runs_its_micro_batches():
     from stagewise.rl.rft import kept_micro_batches
     from stagewise.rl.rollout import RolloutBatch
