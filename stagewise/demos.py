@@ -46,6 +46,7 @@ from stagewise.errors import ConfigError, TrainingError
 from stagewise.generation.chat_template import turn_end_id
 from stagewise.generation.engines import Generation, SamplingParams
 from stagewise.models import load_model, load_model_config, load_tokenizer, resolve_model_path
+from stagewise.parallel.runtime import frozen_dtype
 from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
 from stagewise.seeds import completion_seeds
 from stagewise.sft.data import tokenize_episode
@@ -137,14 +138,6 @@ def kept(e: Episode, min_reward: float | None) -> bool:
     return e.domain.succeeded(e.parts)
 
 
-def agent_dtype(cfg: RunConfig) -> torch.dtype:
-    """The local model agent's dtype: bf16 where ``dist.mixed_precision`` resolves to it (a GPU, a CPU
-    with AMX / AVX-512 BF16), else fp32 (other CPUs emulate bf16, ~70x slower than fp32)."""
-    from stagewise.parallel.runtime import resolve_precision
-
-    return torch.bfloat16 if resolve_precision(cfg.dist)[0].mixed_precision == "bf16" else torch.float32
-
-
 def find_domain(domains: list[Domain], name: str) -> Domain:
     for d in domains:
         if d.name == name:
@@ -195,7 +188,7 @@ def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: st
             path = resolve_model_path(model) if model else student
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             lm = load_model(path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                            dtype=agent_dtype(cfg)).to(device).eval()
+                            dtype=frozen_dtype(cfg.dist)).to(device).eval()
             generator = LocalGenerator(lm, tok, device=device, prefix_cache_gib=r.prefix_cache_gib)
         with torch.no_grad():
             for i in range(0, len(tasks), batch):

@@ -30,6 +30,7 @@ from stagewise.generation.chat_template import eos_ids
 from stagewise.generation.engines import FrozenWeights, SamplingParams
 from stagewise.models import load_model, replicated_init
 from stagewise.parallel.collectives import reduce_sum
+from stagewise.parallel.runtime import frozen_dtype
 from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits, run_episodes
 from stagewise.seeds import evaluation_seed
@@ -199,10 +200,9 @@ def evaluate_row(state, cfg: RunConfig, tok, weights_path: str, domains: list[Do
     answers when ``eval.held_out_loss`` (default: the run has an sft stage), for the weights at
     ``weights_path``. Collective. state: the run's process state. -> (accuracy row, loss row, samples,
     {environment domain: its details}); a cell is None where it is not defined."""
-    dtype = torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32
     with replicated_init():
         model = load_model(weights_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                           dtype=dtype).to(state.device).eval()
+                           dtype=frozen_dtype(cfg.dist)).to(state.device).eval()
     with_loss = cfg.eval.held_out_loss if cfg.eval.held_out_loss is not None else cfg.has_kind("sft")
     max_len = max((cfg.stage_part(i, "sft").max_seq_len for i, s in enumerate(cfg.stages) if s.kind == "sft"),
                   default=cfg.sft.max_seq_len)

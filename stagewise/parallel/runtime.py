@@ -134,6 +134,13 @@ def resolve_precision(dist: DistConfig) -> tuple[DistConfig, str | None]:
     return dist.model_copy(update={"mixed_precision": new}), f"dist.mixed_precision=auto -> {new} ({why})"
 
 
+def frozen_dtype(dist: DistConfig) -> torch.dtype:
+    """The dtype of a model loaded only to generate or score (evaluation, the KL reference, a demos
+    agent): bf16 where ``dist.mixed_precision`` resolves to it (a GPU, a CPU with AMX / AVX-512 BF16),
+    else fp32 (fp16 runs keep fp32 weights and compute under autocast)."""
+    return torch.bfloat16 if resolve_precision(dist)[0].mixed_precision == "bf16" else torch.float32
+
+
 def check(dist: DistConfig, world_size: int) -> None:
     cpu = on_cpu(dist)
     if dist.mixed_precision == "fp16" and cpu:

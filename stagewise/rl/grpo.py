@@ -197,7 +197,7 @@ def load_reference(job: StageJob, run: StageRun):
         return None
     with replicated_init():
         ref = load_model(job.ref_path, cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False}),
-                         dtype=torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float32)
+                         dtype=runtime.frozen_dtype(cfg.dist))
     ref = run.strategy.frozen(PolicyLogprobs(ref))
     fractions = gather_rows(torch.tensor([run.strategy.param_fraction(ref)], device=run.device)).cpu().tolist()
     job.tracker.log({"stage": job.index + 1, "reference_param_fraction_per_rank": fractions},

@@ -179,9 +179,10 @@ def _best_lookup(readers, known: _Known, need: set[str], run) -> tuple[Call, str
     best, openers = _scan(readers, known, need, run, known.tokens)
     if best is not None:
         return best
+    seen = set(known.tokens)
     for call, text in sorted(openers, key=lambda ct: len(ct[1]))[:MAX_OPENERS]:
         after = known.after(call, text)
-        if _scan(readers, after, need, run, [t for t in after.tokens if t not in set(known.tokens)])[0] is not None:
+        if _scan(readers, after, need, run, [t for t in after.tokens if t not in seen])[0] is not None:
             return call, text
     return None
 
