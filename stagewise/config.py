@@ -158,6 +158,19 @@ class RFTConfig(_Part):
     min_reward: float = 0.5  # with keep: best
     micro_batch_size: int = Field(8, gt=0)  # episodes per forward/backward, per process
     shared_prefix: bool = True  # a micro-batch's shared prefix once, as grpo.shared_prefix
+    # demonstrations learnt with every round's kept episodes: domains an sft stage could learn (answers,
+    # conversations, `stagewise demos` episode records), demos_per_step of them per round (all processes
+    # together, in a fixed shuffled order). A round keeps a handful of episodes; alone they can pull
+    # the policy away from what the warm-up taught (a tau2 agent that stops calling tools)
+    demos: list[str] = []
+    demos_per_step: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _demos_and_count(self) -> RFTConfig:
+        if bool(self.demos) != bool(self.demos_per_step):
+            raise ValueError(f"give both rft.demos and rft.demos_per_step > 0, or neither (demos={self.demos}, "
+                             f"demos_per_step={self.demos_per_step})")
+        return self
 
 
 class DataConfig(_Part):

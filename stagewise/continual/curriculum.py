@@ -145,7 +145,7 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
                            out_dir=sdir, run_dir=out, tracker=tracker,
                            resume=resume and agreed_checkpoint(sdir, quiet=True) is not None,
                            stop_after=None if stop_after is None else stop_after - offset,
-                           global_step_offset=offset)
+                           global_step_offset=offset, domains_by_name=by_name)
             t0 = time.time()
             length = f"{cfg.stage_steps(i)} steps" if cfg.stage_steps(i) else f"{stage.epochs:g} epochs"
             print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {stage.kind} on {', '.join(stage.domains)} for "

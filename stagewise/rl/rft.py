@@ -6,16 +6,17 @@ Each step (a round):  sample prompts  ->  G episodes each from the current polic
 keep the episodes that pass (``rft.keep: pass``: the domain's metric reaches 1.0) or each group's
 best (``best``: the highest reward of the group, when it reaches ``rft.min_reward``), never an
 environment's episode cut off by a limit (``unfinished_rows``)  ->  one
-optimizer step of supervised learning on the kept episodes' policy tokens (their mean negative
-log-likelihood over every process)  ->  metrics, checkpoint. A round in which no process kept
-anything takes no optimizer step.
+optimizer step of supervised learning on the kept episodes' policy tokens and on ``rft.demos_per_step``
+demonstrations (``rft.demos``: reference conversations, e.g. the warm-up's; their assistant tokens)
+(the mean negative log-likelihood over every process)  ->  metrics, checkpoint. A round in which no
+process has anything to learn takes no optimizer step.
 
 What it shares with GRPO: the rollout engines, the episodes (tool calls, simulated customers), the
 prompt choice and replay (``grpo.pick_examples``), the batch tensors and the stage scaffold. What
 it does not have: advantages, ratios, a reference model. Every process runs the same number of
-forward / backward passes, as DDP, ZeRO's fixed accumulation and FSDP need: the kept rows fill
-the first micro-batches and the rest are two-token placeholders (``kept_micro_batches``), so rows
-that were not kept cost nothing.
+forward / backward passes, as DDP, ZeRO's fixed accumulation and FSDP need: the rows to learn (kept
+episodes, then demonstrations) fill the first micro-batches and the rest are two-token placeholders
+(``learn_micro_batches``), so rows that were not kept cost nothing.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from stagewise.config import RunConfig
 from stagewise.errors import ConfigError
 from stagewise.generation.chat_template import eos_ids
 from stagewise.generation.engines import SamplingParams
+from stagewise.generation.padding import left_pad
 from stagewise.models import load_model
 from stagewise.parallel import runtime
-from stagewise.parallel.collectives import gather_rows
+from stagewise.parallel.collectives import gather_rows, reduce_sum
 from stagewise.registry import lookup
 from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.grpo import global_counts, pick_examples, policy_inputs, prefix_sharing
 from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.rollout import RolloutBatch, StageRewards, check_sampling_stage, generate_rollouts, placeholder_row
-from stagewise.seeds import completion_seeds
+from stagewise.seeds import completion_seeds, replay_rng
+from stagewise.sft.data import tokenize_example
 from stagewise.training.run import StageRun
 from stagewise.training.stage import StageJob, StageResult
 from stagewise.training.step_stats import reduce_step_stats
@@ -51,7 +54,9 @@ def train_rft_stage(job: StageJob) -> StageResult:
     groups_local = rollout_cfg.prompts_per_step // world
     rows_local = groups_local * group_size
     micro = rft_cfg.micro_batch_size
-    accumulation = rows_local // micro
+    accumulation = rft_accumulation(cfg, job.index, world)
+    demos_local = rft_cfg.demos_per_step // world
+    demos = demonstrations(job, cfg.stage_part(job.index, "sft").max_seq_len)
 
     run = StageRun(job, lambda: PolicyLogprobs(load_model(job.init_path, cfg.model)), micro_batch=micro,
                    accumulation=accumulation, total_steps=total_steps,
@@ -85,12 +90,17 @@ def train_rft_stage(job: StageJob) -> StageResult:
         keep = kept_rows(batch.rewards.cpu(), passed, group_size, rft_cfg.keep, rft_cfg.min_reward,
                          unfinished=unfinished_rows(mine, group_size, batch.truncated.cpu()))
         batch.loss_mask = (batch.completion_mask * batch.policy_mask) * keep[:, None].to(run.device).float()
-        n_seq, n_tok = global_counts(batch.loss_mask, run.device)
+        n_seq, n_kept_tok = global_counts(batch.loss_mask, run.device)
+        shown = [demos[(step * rft_cfg.demos_per_step + j) % len(demos)]
+                 for j in range(run.rank * demos_local, (run.rank + 1) * demos_local)] if demos else []
+        n_demo_tok = int(reduce_sum(torch.tensor(float(sum(sum(m) for _, _, m in shown)), device=run.device)).item())
+        n_tok = n_kept_tok + n_demo_tok
 
-        # 3. learn the kept episodes: one optimizer step (none when nothing was kept anywhere)
+        # 3. learn the kept episodes and the demonstrations: one optimizer step (none when nothing is learnt)
         train_start, loss_sum = time.time(), torch.zeros((), device=run.device)
         if n_tok > 0:
-            for k, mb in enumerate(kept_micro_batches(batch, keep, micro, accumulation)):
+            rows = kept_episodes(batch, keep) + shown
+            for k, mb in enumerate(learn_micro_batches(batch, rows, micro, accumulation, tok.pad_token_id)):
                 with run.accumulate():
                     logp, _ = run.model(*policy_inputs(mb, 1.0), **shared)
                     loss = -(logp * mb.loss_mask).sum() / n_tok
@@ -106,7 +116,8 @@ def train_rft_stage(job: StageJob) -> StageResult:
         step_time = run.elapsed()
         lengths = batch.completion_mask.sum().item()
         metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                   "keep_rate": n_seq / all_rewards.numel(), "kept": n_seq, "kept_tokens": n_tok,
+                   "keep_rate": n_seq / all_rewards.numel(), "kept": n_seq, "kept_tokens": n_kept_tok,
+                   "demo_tokens": n_demo_tok,
                    "kept_reward": total["kept_reward"] / max(n_seq, 1), "loss": total["loss"],
                    "step_time": step_time, "gen_time": gen_time, "train_time": train_time,
                    "tokens_per_s": lengths * world / step_time, **rewards.metrics(gathered), **engine.timings}
@@ -117,13 +128,75 @@ def train_rft_stage(job: StageJob) -> StageResult:
     return run.finish(tok)
 
 
-def kept_micro_batches(batch: RolloutBatch, keep: torch.Tensor, micro: int, accumulation: int) -> list[RolloutBatch]:
-    """The ``accumulation`` micro-batches of a round: the kept rows, ``micro`` at a time, then two-token
-    placeholders (every process runs as many forward / backward passes as the others; rows that were
-    not kept are never computed)."""
-    kept = keep.nonzero().squeeze(1).tolist()
-    return [batch.rows(kept[k * micro:(k + 1) * micro]) if kept[k * micro:(k + 1) * micro] else placeholder_row(batch)
-            for k in range(accumulation)]
+def rft_accumulation(cfg: RunConfig, i: int, world: int) -> int:
+    """Micro-batches per process per round of stage i: room for every sampled row (keep: pass can
+    keep them all) and the process's share of the demonstrations."""
+    rollout_cfg, rft_cfg = cfg.stage_part(i, "rollout"), cfg.stage_part(i, "rft")
+    rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations + rft_cfg.demos_per_step // world
+    return -(-rows // rft_cfg.micro_batch_size)
+
+
+def demonstrations(job: StageJob, max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """The stage's rft.demos (their training examples, tokenized as an sft stage does) as rows to
+    learn, (prompt, rest, learnt) token lists split at the first
+    learnt token, in a fixed shuffled order (seed, stage); [] when there are none. A conversation
+    longer than max_len (sft.max_seq_len) is cut there, as SFT would; one with nothing left to learn
+    is dropped."""
+    names = job.part("rft").demos
+    if not names:
+        return []
+    pool = [ex for name in names for ex in job.domains_by_name[name].train]
+    replay_rng(job.cfg.seed, job.index).shuffle(pool)
+    rows = []
+    for ex in pool:
+        t = tokenize_example(job.tokenizer, ex, max_len)
+        if t is not None:
+            ids, train = t
+            start = train.index(True)
+            rows.append((ids[:start], ids[start:], [int(x) for x in train[start:]]))
+    if not rows:
+        raise ConfigError(f"{job.label}: no demonstration of rft.demos ({', '.join(names)}) has an assistant "
+                          f"token within sft.max_seq_len={max_len}")
+    return rows
+
+
+def kept_episodes(batch: RolloutBatch, keep: torch.Tensor) -> list[tuple[list[int], list[int], list[int]]]:
+    """The kept rows of a rollout batch as (prompt, rest, learnt) token lists (learnt: the policy's tokens)."""
+    out = []
+    for i in keep.nonzero().squeeze(1).tolist():
+        n = int(batch.completion_mask[i].sum())
+        out.append((batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist(), batch.completion_ids[i, :n].tolist(),
+                    batch.policy_mask[i, :n].tolist()))
+    return out
+
+
+def learn_micro_batches(batch: RolloutBatch, rows: list, micro: int, accumulation: int,
+                        pad_id: int) -> list[RolloutBatch]:
+    """The ``accumulation`` micro-batches of a round: ``rows`` ((prompt, rest, learnt) token lists),
+    ``micro`` at a time, then two-token placeholders (every process runs as many forward / backward
+    passes as the others)."""
+    if len(rows) > micro * accumulation:
+        raise ValueError(f"{len(rows)} rows to learn do not fit {accumulation} micro-batches of {micro}")
+    return [rows_batch(rows[k * micro:(k + 1) * micro], pad_id, batch.prompt_ids.device)
+            if rows[k * micro:(k + 1) * micro] else placeholder_row(batch) for k in range(accumulation)]
+
+
+def rows_batch(rows: list, pad_id: int, device) -> RolloutBatch:
+    """(prompt, rest, learnt) token lists -> a RolloutBatch to learn: prompts left-padded, the rest
+    right-padded, loss_mask on the learnt tokens; its prompt and completion columns as narrow as its rows."""
+    prompt_ids, prompt_mask = left_pad([p for p, _, _ in rows], pad_id, device)
+    B, C = len(rows), max(max(len(r) for _, r, _ in rows), 1)
+    comp = torch.full((B, C), pad_id, dtype=torch.long)
+    cmask = torch.zeros((B, C), dtype=torch.long)
+    learnt = torch.zeros((B, C), dtype=torch.long)
+    for i, (_, rest, mask) in enumerate(rows):
+        comp[i, :len(rest)] = torch.tensor(rest, dtype=torch.long)
+        cmask[i, :len(rest)] = 1
+        learnt[i, :len(rest)] = torch.tensor(mask, dtype=torch.long)
+    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
+                        completion_mask=cmask.to(device), policy_mask=learnt.to(device),
+                        truncated=torch.zeros(B, dtype=torch.bool), rewards=torch.zeros(B),
+                        loss_mask=learnt.to(device).float())
 
 
 def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep: str,
@@ -156,12 +229,27 @@ def check_rft_stage(cfg: RunConfig, i: int, world: int) -> None:
     """Batch shapes of stage i for `world` processes (before any model loads)."""
     if cfg.stages[i].epochs is not None:
         raise ConfigError(f"stages.{i}: an rft stage runs rounds: give steps or tasks_per_domain, not epochs")
-    check_sampling_stage(cfg, i, world, cfg.stage_part(i, "rft").micro_batch_size, "rft.micro_batch_size",
-                         "episodes each process samples per round")
+    rft_cfg = cfg.stage_part(i, "rft")
+    if rft_cfg.demos_per_step % world:
+        raise ConfigError(f"stages.{i}: rft.demos_per_step={rft_cfg.demos_per_step} must be divisible by the {world} "
+                          f"processes")
+    check_sampling_stage(cfg, i, world, rft_cfg.micro_batch_size, "rft.micro_batch_size",
+                         "episodes each process samples per round", accumulation=rft_accumulation(cfg, i, world))
 
 
 def check_rft_domains(cfg: RunConfig, i: int, domains: dict) -> None:
-    """keep: pass needs every domain of the stage to have an accuracy metric."""
+    """keep: pass needs every domain of the stage to have an accuracy metric; rft.demos must name
+    domains with training examples to learn (answers or conversations, as an sft stage's)."""
+    for name in cfg.stage_part(i, "rft").demos:
+        dom = domains.get(name)
+        if dom is None:
+            raise ConfigError(f"stages.{i}: rft.demos names {name!r}, which is not a domain (known: "
+                              f"{', '.join(domains)})")
+        if dom.environment is not None and not all("messages" in t for t in dom.train):
+            raise ConfigError(f"stages.{i}: rft.demos domain {name!r} is an environment; demonstrations are "
+                              f"reference answers or conversations (`stagewise demos` writes them)")
+        if not dom.train:
+            raise ConfigError(f"stages.{i}: rft.demos domain {name!r} has no training examples")
     if cfg.stage_part(i, "rft").keep != "pass":
         return
     for name in cfg.stages[i].domains:

@@ -82,10 +82,12 @@ class RolloutBatch:
         return mb
 
 
-def check_sampling_stage(cfg, i: int, world: int, micro_batch_size: int, field: str, rows_are: str) -> None:
+def check_sampling_stage(cfg, i: int, world: int, micro_batch_size: int, field: str, rows_are: str,
+                         accumulation: int | None = None) -> None:
     """The batch shapes of a stage that samples groups (grpo, rft) for ``world`` processes, before any
     model loads: whole groups per process, micro-batches that divide a process's rows, the DeepSpeed
-    JSON's batch, vLLM's limits. ``field``: the stage kind's micro-batch option, for the message."""
+    JSON's batch, vLLM's limits. ``field``: the stage kind's micro-batch option, for the message;
+    ``accumulation``: micro-batches per step when not the sampled rows' (rft's demonstrations add some)."""
     rollout_cfg = cfg.stage_part(i, "rollout")
     if rollout_cfg.prompts_per_step % world:
         raise ConfigError(f"stages.{i}: rollout.prompts_per_step={rollout_cfg.prompts_per_step} must be divisible by "
@@ -93,7 +95,7 @@ def check_sampling_stage(cfg, i: int, world: int, micro_batch_size: int, field: 
     rows = rollout_cfg.prompts_per_step // world * rollout_cfg.num_generations
     if rows % micro_batch_size:
         raise ConfigError(f"stages.{i}: {field}={micro_batch_size} must divide the {rows} {rows_are}")
-    runtime.check_deepspeed_json(cfg.dist, world, micro_batch_size, rows // micro_batch_size)
+    runtime.check_deepspeed_json(cfg.dist, world, micro_batch_size, accumulation or rows // micro_batch_size)
     if rollout_cfg.engine == "vllm":
         where = f"stages.{i}.rollout.engine" if cfg.stages[i].rollout else "rollout.engine"
         vllm_engine.refuse_unsupported(cfg.dist.strategy, cfg.model.lora is not None, where)

@@ -37,6 +37,7 @@ class StageJob:
     stop_after: int | None = None  # stop (after checkpointing) once counters.step reaches this
     global_step_offset: int = 0
     curve: list[float] = field(default_factory=list)  # the stage's main training signal per step
+    domains_by_name: dict = field(default_factory=dict)  # every domain of the run (a stage's extra data: rft.demos)
 
     @property
     def stage(self):

@@ -373,3 +373,28 @@ def test_the_oracle_looks_ids_up_before_it_uses_them(name, left):
         assert task16[1:3] == (5, 0)
         names = [c.name for c in task16[3]]
         assert names[:3] == ["get_user_details", "get_reservation_details", "search_onestop_flight"]
+
+
+def test_a_task_the_agent_declines_is_looked_up_then_refused_in_its_own_sentence(tokenizer):
+    """Airline training task 0 (cancel a reservation booked too long ago) has no action of the
+    agent: the oracle reads the customer's profile and the reservation they name, then declines;
+    the completions' "that is done" would teach the agent to claim work it did not do. An
+    information-only task (retail 24) gives the information."""
+    from stagewise.domains.tau2.oracle import DECLINE, DONE
+
+    airline = build_domain(DomainSpec(name="airline", type="tau2_airline", eval_size=20,
+                                      args={"user": {"kind": "scripted", "first": "{known_info}\n{reason_for_call}"}}),
+                           seed=0)
+    task = next(t for t in airline.train if t["id"] == "0")
+    turns = airline.oracle_turns(task)
+    assert turns == [call_text("get_user_details", {"user_id": "emma_kim_9957"}),
+                     call_text("get_reservation_details", {"reservation_id": "EHGLP3"}), DECLINE]
+    assert DONE not in DECLINE
+    # played through our episode code with the scripted customer, it passes (a refusal is the right answer)
+    examples = [(airline, task)]
+    engine = OracleEngine(tokenizer, {markers(airline, examples)["0"]: turns}, opening_turns=1)
+    (ep,) = run_episodes(engine, tokenizer, examples, group_size=1, seeds=None, params=PARAMS, limits=LIMITS)
+    assert ep.parts["pass"] == 1.0 and ep.tool_calls == 2 and ep.done
+    retail = build_domain(DomainSpec(name="retail", type="tau2_retail", eval_size=40), seed=0)
+    info = retail.environment.keywords["ctx"].tasks["24"].evaluation_criteria.communicate_info
+    assert retail.oracle_turns(next(t for t in retail.train if t["id"] == "24"))[-1] == " ".join(info)

@@ -45,23 +45,42 @@ def test_episodes_cut_off_by_a_limit_are_never_kept():
     assert not unfinished_rows([(single, {}), (env, {})], 4, truncated)[:4].any()
 
 
-def test_only_kept_rows_are_computed_and_every_process_runs_its_micro_batches():
-    from stagewise.rl.rft import kept_micro_batches
+def test_kept_episodes_then_demonstrations_fill_the_micro_batches_and_placeholders_the_rest():
+    from stagewise.rl.rft import kept_episodes, learn_micro_batches
     from stagewise.rl.rollout import RolloutBatch
 
     B, P, C = 8, 5, 6
     ones = torch.ones(B, C, dtype=torch.long)
-    batch = RolloutBatch(prompt_ids=torch.arange(B * P).view(B, P), prompt_mask=torch.ones(B, P, dtype=torch.long),
-                         completion_ids=torch.arange(B * C).view(B, C), completion_mask=ones, policy_mask=ones,
+    policy = ones.clone()
+    policy[:, :2] = 0  # the first two tokens after the prompt came from the environment
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[4, :2] = 0  # a shorter prompt, left-padded
+    batch = RolloutBatch(prompt_ids=torch.arange(B * P).view(B, P), prompt_mask=prompt_mask,
+                         completion_ids=torch.arange(B * C).view(B, C), completion_mask=ones, policy_mask=policy,
                          truncated=torch.zeros(B, dtype=torch.bool), rewards=torch.zeros(B))
     keep = torch.tensor([False, True, False, False, True, True, False, False])
-    batch.loss_mask = batch.completion_mask * keep[:, None].float()
-    mbs = kept_micro_batches(batch, keep, micro=2, accumulation=4)
+    kept = kept_episodes(batch, keep)
+    assert [len(p) for p, _, _ in kept] == [5, 3, 5] and kept[1][0] == [22, 23, 24]
+    demo = ([100, 101], [102, 103, 104], [1, 0, 1])  # a demonstration: its assistant tokens learnt
+    mbs = learn_micro_batches(batch, kept + [demo], micro=2, accumulation=4, pad_id=-1)
     assert len(mbs) == 4
-    assert [mb.prompt_ids[:, 0].tolist() for mb in mbs[:2]] == [[5, 20], [25]]  # rows 1, 4, then 5
-    assert all(mb.loss_mask.sum() == mb.completion_mask.sum() for mb in mbs[:2])
+    assert [mb.prompt_ids[:, -1].tolist() for mb in mbs[:2]] == [[9, 24], [29, 101]]  # rows 1, 4, 5, the demo
+    assert mbs[0].prompt_mask[1].tolist() == [0, 0, 1, 1, 1]
+    assert mbs[1].loss_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0]]
+    assert mbs[1].completion_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert mbs[1].completion_ids[1, :3].tolist() == [102, 103, 104]
     for mb in mbs[2:]:  # placeholders: one row, a one-token prompt and completion, nothing learnt
         assert mb.prompt_ids.shape == mb.completion_ids.shape == (1, 1) and mb.loss_mask.sum() == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        learn_micro_batches(batch, kept + [demo] * 6, micro=2, accumulation=4, pad_id=-1)
+
+
+def sevens_demos(tmp_path) -> dict:
+    """A domain of demonstrations: the prompts' answers, 7s only."""
+    path = tmp_path / "sevens.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say seven {i} times.", "answer": "7" * 6}) + "\n"
+                            for i in range(1, 13)))
+    return {"name": "demos", "type": "jsonl", "eval_size": 2, "args": {"path": str(path)}}
 
 
 def rft_raw(tiny_model_dir, out, steps: int) -> dict:
@@ -98,6 +117,22 @@ def test_rft_configuration_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="give steps or tasks_per_domain, not epochs"):
         check_config(load_config(raw=raw), 1)
     raw = rft_raw(tiny_model_dir, tmp_path / "x", steps=1)
+    raw["rft"].update(demos=["demos"], demos_per_step=3)
+    raw["domains"].append(sevens_demos(tmp_path))
+    check_config(load_config(raw=raw), 1)
+    with pytest.raises(ConfigError, match="rft.demos_per_step=3 must be divisible by the 2 processes"):
+        check_config(load_config(raw=raw), 2)
+    raw["domains"].append({"name": "chat_free", "type": "ascii_chat", "eval_size": 4})
+    raw["rft"].update(demos=["chat_free"], demos_per_step=4)
+    with pytest.raises(ConfigError, match="rft.demos domain 'chat_free' is an environment"):
+        build_domains(load_config(raw=raw))
+    raw["rft"].update(demos=["nowhere"])
+    with pytest.raises(ConfigError, match="rft.demos names 'nowhere', which is not a domain"):
+        build_domains(load_config(raw=raw))
+    raw["rft"].update(demos_per_step=0)
+    with pytest.raises(ConfigError, match="give both rft.demos and rft.demos_per_step"):
+        load_config(raw=raw)
+    raw = rft_raw(tiny_model_dir, tmp_path / "x", steps=1)
     raw["domains"].append({"name": "chat_free", "type": "ascii_chat", "eval_size": 4})
     raw["stages"][0] = {"kind": "rft", "domains": ["chat_free"], "steps": 1, "rft": {"keep": "pass"}}
     cfg = load_config(raw=raw)
@@ -106,16 +141,32 @@ def test_rft_configuration_errors(tmp_path, tiny_model_dir):
         build_domains(cfg)
 
 
-def test_rft_weights_do_not_depend_on_micro_batch_or_processes(tmp_path, tiny_model_dir):
-    """The NLL is normalised by the kept tokens of every process: 32 episodes per round as 4 x 8,
-    8 x 4 (1 process) and 2 processes x 2 x 8 train the same weights (fp32, to 1% of the update)."""
+def test_a_round_that_keeps_nothing_still_learns_its_demonstrations(tmp_path, tiny_chat_dir):
+    """No episode reaches min_reward 2; the demonstrations (answers of 7s) alone raise the accuracy."""
+    out = tmp_path / "demos"
+    raw = rft_raw(tiny_chat_dir, out, steps=12)
+    raw["domains"].append(sevens_demos(tmp_path))
+    raw["rft"].update(min_reward=2.0, demos=["demos"], demos_per_step=4)
+    rows = run_curriculum(load_config(raw=raw))["matrix"]
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if "keep_rate" in r]
+    assert all(r["kept"] == 0 and r["kept_tokens"] == 0 for r in rounds)
+    assert all(r["demo_tokens"] > 0 and r["loss"] > 0 for r in rounds)
+    assert rows[1][0] >= rows[0][0] + 0.5, (rows[0][0], rows[1][0])
+
+
+def test_rft_weights_do_not_depend_on_micro_batch_or_processes(tmp_path, tiny_chat_dir):
+    """The NLL is normalised by the learnt tokens (kept episodes and demonstrations) of every
+    process: 32 episodes and 4 demonstrations per round as 5 x 8, 9 x 4 (1 process) and 2 processes
+    x 3 x 8 train the same weights (fp32, to 1% of the update)."""
     from tests.helpers import load_weights
     from tests.parallel.test_multiprocess import launch
     from tests.rl.test_invariance import assert_within, largest_update
 
     def config(name: str, micro: int):
-        raw = rft_raw(tiny_model_dir, tmp_path / name, steps=3)
-        raw["rft"].update(micro_batch_size=micro, min_reward=0.0)  # every round keeps (and steps)
+        raw = rft_raw(tiny_chat_dir, tmp_path / name, steps=3)
+        raw["rft"].update(micro_batch_size=micro, min_reward=0.0, demos=["demos"], demos_per_step=4)  # keeps
+        raw["domains"].append(sevens_demos(tmp_path))
         raw["dist"] = {"mixed_precision": "no", "cpu": True}
         raw["eval"]["before_first_stage"] = False
         path = tmp_path / f"{name}.yaml"
@@ -126,7 +177,7 @@ def test_rft_weights_do_not_depend_on_micro_batch_or_processes(tmp_path, tiny_mo
     run_curriculum(load_config(config("m4", 4)))
     launch(config("ddp", 8), "ddp")
     finals = {name: load_weights(tmp_path / name / "final_model") for name in ("m8", "m4", "ddp")}
-    tolerance = 0.01 * largest_update(finals["m8"], load_weights(tiny_model_dir))
+    tolerance = 0.01 * largest_update(finals["m8"], load_weights(tiny_chat_dir))
     assert tolerance > 1e-6
     assert_within(finals["m8"], finals["m4"], tolerance)
     assert_within(finals["m8"], finals["ddp"], tolerance)

@@ -2,11 +2,14 @@
 
     turns = oracle_turns(ctx, task_id)
     # ['<tool_call>{"name": "get_user_details", ...}</tool_call>', ..., 'Thank you, that is done. ...']
+    # (a task without an action of the agent: lookups of what the customer names, then a refusal)
 
 Each expected action of the agent is one turn with one tool call (the Hermes ``<tool_call>`` format
 every template here parses); an action the customer must take on their own device (telecom with
 a customer) is a sentence asking for it; the last turn tells the customer what the task wants
-communicated (``communicate_info``), or calls ``done`` in solo mode. It is what ``stagewise demos
+communicated (``communicate_info``), or calls ``done`` in solo mode. A task whose expected actions
+have none of the agent's is one it declines or only answers: the oracle reads what the customer
+names (``scenario_lookups``), then declines in its own sentence, or gives the information. It is what ``stagewise demos
 --agent oracle`` writes demonstrations with, and what the tests check the evaluators against (1.0
 on every task of every domain).
 
@@ -48,16 +51,25 @@ def oracle_turns(ctx, task_id: str, actions: list | None = None) -> list[str]:
     criteria = task.evaluation_criteria
     if actions is None:
         actions = (criteria.actions or []) if criteria is not None else []
+    acts = any(a.requestor == "assistant" for a in actions)
+    calls = grounded_actions(ctx, task, actions) if acts else scenario_lookups(ctx, task) + [
+        Call(a.name, dict(a.arguments), a.requestor) for a in actions]
     turns = []
-    for call in grounded_actions(ctx, task, actions):
+    for call in calls:
         if call.requestor == "user" and not ctx.solo:
             turns.append(f"Please do this on your phone: {call.name}.")
         else:
             turns.append(call_text(call.name, call.arguments))
     info = (criteria.communicate_info or []) if criteria is not None else []
-    closing = " ".join(["Thank you, that is done.", *info])
+    closing = " ".join(([DONE] if acts else [] if info else [DECLINE]) + list(info))
     turns.append(call_text(data.STOP_TOOL, {}) if ctx.solo else closing)
     return turns
+
+
+DONE = "Thank you, that is done."
+# a task with no action of the agent is one it declines (or only answers): its closing must not be the
+# completions' sentence, or a demonstration teaches "that is done" as the answer to every request
+DECLINE = "I am sorry, but I cannot do that: our policy does not allow it."
 
 
 @dataclass(frozen=True)
@@ -83,9 +95,9 @@ def unseen_ids(arguments: dict, seen: str) -> set[str]:
     return {v for v in _strings(arguments) if ID.fullmatch(v) and v.lower() not in seen}
 
 
-def grounded_actions(ctx, task, actions: list) -> list[Call]:
-    """The actions (tau2 Action objects) in order, each preceded by the read calls that show the ids
-    it uses; an id no read call shows is left as it is."""
+def _reader(ctx, task):
+    """The task's fresh environment as (its read tools as (name, required parameters), run), where
+    run(call) -> the call's result text, "" when it fails."""
     from tau2.data_model.message import ToolCall
     from tau2.environment.toolkit import ToolType
 
@@ -105,6 +117,33 @@ def grounded_actions(ctx, task, actions: list) -> list[Call]:
             return ""
         return "" if result.error else (result.content or "")
 
+    return readers, run
+
+
+def scenario_lookups(ctx, task) -> list[Call]:
+    """The read calls an agent makes before it declines or answers: each one-parameter read tool on
+    each id-like word the customer tells (and on a bare id a lookup returns, as an email's user id),
+    in the order they appear, the calls that find something, at most MAX_LOOKUPS."""
+    readers, run = _reader(ctx, task)
+    single = [(name, params[0]) for name, params in readers if len(params) == 1]
+    queue, out = _tokens(scenario_text(task)), []
+    for token in queue:
+        for name, param in single:
+            if len(out) == MAX_LOOKUPS:
+                return out
+            call = Call(name, {param: token}, lookup=True)
+            text = run(call)
+            if text:
+                out.append(call)
+                if "{" not in text and "[" not in text:
+                    queue += [t for t in _tokens(text) if t not in queue]
+    return out
+
+
+def grounded_actions(ctx, task, actions: list) -> list[Call]:
+    """The actions (tau2 Action objects) in order, each preceded by the read calls that show the ids
+    it uses; an id no read call shows is left as it is."""
+    readers, run = _reader(ctx, task)
     known = _Known(scenario_text(task), actions)
     out: list[Call] = []
     for action in actions:
