@@ -29,7 +29,7 @@ from stagewise.config import RunConfig
 from stagewise.errors import ConfigError
 from stagewise.generation.chat_template import eos_ids
 from stagewise.generation.engines import SamplingParams
-from stagewise.generation.padding import left_pad
+from stagewise.generation.padding import left_pad, right_pad
 from stagewise.models import load_model
 from stagewise.parallel import runtime
 from stagewise.parallel.collectives import gather_rows, reduce_sum
@@ -185,18 +185,11 @@ def rows_batch(rows: list, pad_id: int, device) -> RolloutBatch:
     """(prompt, rest, learnt) token lists -> a RolloutBatch to learn: prompts left-padded, the rest
     right-padded, loss_mask on the learnt tokens; its prompt and completion columns as narrow as its rows."""
     prompt_ids, prompt_mask = left_pad([p for p, _, _ in rows], pad_id, device)
-    B, C = len(rows), max(max(len(r) for _, r, _ in rows), 1)
-    comp = torch.full((B, C), pad_id, dtype=torch.long)
-    cmask = torch.zeros((B, C), dtype=torch.long)
-    learnt = torch.zeros((B, C), dtype=torch.long)
-    for i, (_, rest, mask) in enumerate(rows):
-        comp[i, :len(rest)] = torch.tensor(rest, dtype=torch.long)
-        cmask[i, :len(rest)] = 1
-        learnt[i, :len(rest)] = torch.tensor(mask, dtype=torch.long)
-    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
-                        completion_mask=cmask.to(device), policy_mask=learnt.to(device),
-                        truncated=torch.zeros(B, dtype=torch.bool), rewards=torch.zeros(B),
-                        loss_mask=learnt.to(device).float())
+    comp, cmask = right_pad([rest for _, rest, _ in rows], pad_id, device, min_width=1)
+    learnt, _ = right_pad([mask for _, _, mask in rows], 0, device, min_width=1)
+    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp,
+                        completion_mask=cmask, policy_mask=learnt, truncated=torch.zeros(len(rows), dtype=torch.bool),
+                        rewards=torch.zeros(len(rows)), loss_mask=learnt.float())
 
 
 def kept_rows(rewards: torch.Tensor, passed: torch.Tensor, group_size: int, keep: str,

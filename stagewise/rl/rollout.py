@@ -13,7 +13,7 @@ from stagewise.domains.base import Domain
 from stagewise.errors import ConfigError, RewardError
 from stagewise.generation import vllm_engine
 from stagewise.generation.engines import SamplingParams
-from stagewise.generation.padding import left_pad
+from stagewise.generation.padding import left_pad, right_pad
 from stagewise.parallel import runtime
 from stagewise.reward_functions import MetricLog, RewardContext, may_log, trainer_state
 from stagewise.rl.episodes import Episode, EpisodeLimits, run_episodes
@@ -130,21 +130,12 @@ def generate_rollouts(generator, tokenizer, examples: list[tuple[Domain, dict]],
 
 def batch_from_episodes(episodes: list[Episode], pad_id: int, device) -> RolloutBatch:
     """Episodes -> tensors: prompts left-padded, everything after them right-padded, policy tokens marked."""
-    B = len(episodes)
     prompt_ids, prompt_mask = left_pad([e.prompt for e in episodes], pad_id, device)
-    C = max(max(len(e.tokens) for e in episodes), 1)
-    comp = torch.full((B, C), pad_id, dtype=torch.long)
-    cmask = torch.zeros((B, C), dtype=torch.long)
-    pmask = torch.zeros((B, C), dtype=torch.long)
+    comp, cmask = right_pad([e.tokens for e in episodes], pad_id, device, min_width=1)
+    pmask, _ = right_pad([e.policy_mask for e in episodes], 0, device, min_width=1)
     reported = bool(episodes) and all(e.engine_logp is not None or not e.tokens for e in episodes)
-    elogp = torch.zeros((B, C), dtype=torch.float32) if reported else None
-    for i, e in enumerate(episodes):
-        n = len(e.tokens)
-        comp[i, :n] = torch.tensor(e.tokens, dtype=torch.long)
-        cmask[i, :n] = 1
-        pmask[i, :n] = torch.tensor(e.policy_mask, dtype=torch.long)
-        if reported and n:
-            elogp[i, :n] = torch.tensor(e.engine_logp, dtype=torch.float32)
+    elogp = (right_pad([e.engine_logp or [] for e in episodes], 0.0, device, torch.float32, min_width=1)[0]
+             if reported else None)
     # every part a domain weighs or its environment reports (tau2: pass, db, actions, ...), logged as
     # reward/<part>, and its metric (rft.keep: pass reads it); NaN where a row's domain has no such part
     # (a replay mix of domains)
@@ -156,9 +147,8 @@ def batch_from_episodes(episodes: list[Episode], pad_id: int, device) -> Rollout
     stats = {"turns": [e.turns for e in episodes], "tool_calls": [e.tool_calls for e in episodes],
              "tool_errors": [e.tool_errors for e in episodes], "policy_tokens": [sum(e.policy_mask) for e in episodes],
              "prompt_tokens": [len(e.prompt) for e in episodes]}  # tau2's system prompt + tools: thousands
-    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp.to(device),
-                        completion_mask=cmask.to(device), policy_mask=pmask.to(device),
-                        engine_logp=None if elogp is None else elogp.to(device),
+    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=comp,
+                        completion_mask=cmask, policy_mask=pmask, engine_logp=elogp,
                         truncated=torch.tensor([e.truncated for e in episodes]),
                         rewards=torch.tensor([e.reward for e in episodes]),
                         reward_parts=parts, texts=[e.transcript() for e in episodes],

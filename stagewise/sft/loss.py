@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from stagewise.generation.padding import right_pad
 from stagewise.lm_head import token_logprobs
 from stagewise.prefix_sharing import shared_prefix_hidden, use_prefix_tree
 from stagewise.sft.data import IGNORE, PackedRow
@@ -33,17 +34,11 @@ def collate(rows: list[PackedRow], pad_id: int, device=None, shared_prefix: bool
     with ``shared_prefix`` (rows of one example each) lengths (B,): SFTLoss then runs the rows'
     common opening once. Rows are right-padded to the longest; padding is its own "example"
     (positions restart), learns nothing."""
-    T = max(len(r) for r in rows)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r)
-        ids[b, :n] = torch.tensor(r.ids)
-        pos[b, :n] = torch.tensor(r.positions)
-        pos[b, n:] = torch.arange(T - n)
-        tgt[b, :n] = torch.tensor(r.targets)
+    ids, _ = right_pad([r.ids for r in rows], pad_id, "cpu")
+    tgt, _ = right_pad([r.targets for r in rows], IGNORE, "cpu")
+    T = ids.size(1)
+    pos = torch.stack([torch.cat([torch.as_tensor(r.positions, dtype=torch.long), torch.arange(T - len(r))])
+                       for r in rows])
     flat = tgt.view(-1)
     index = (flat != IGNORE).nonzero().squeeze(1)
     out = {"input_ids": ids, "position_ids": pos, "target_index": index, "targets": flat[index]}

@@ -3,7 +3,7 @@ import math
 import torch
 
 from stagewise.generation.chat_template import eos_ids
-from stagewise.generation.padding import position_ids_from_mask
+from stagewise.generation.padding import position_ids_from_mask, right_pad
 from stagewise.generation.sampling import draw_tokens, filter_logits, sample
 from tests.helpers import encode_prompts
 
@@ -11,6 +11,15 @@ from tests.helpers import encode_prompts
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_right_padding_keeps_values_masks_and_a_column_for_empty_rows():
+    vals, mask = right_pad([[7], [8, 9], []], -1, "cpu")
+    assert vals.tolist() == [[7, -1], [8, 9], [-1, -1]] and mask.tolist() == [[1, 0], [1, 1], [0, 0]]
+    logp, _ = right_pad([[], [-0.5]], 0.0, "cpu", torch.float32)
+    assert logp.dtype == torch.float32 and logp.tolist() == [[0.0], [-0.5]]
+    empty, empty_mask = right_pad([[], []], 0, "cpu", min_width=1)
+    assert empty.shape == (2, 1) and empty_mask.sum() == 0
 
 
 def test_top_k_and_top_p_filters():
