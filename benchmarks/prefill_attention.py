@@ -1,0 +1,84 @@
+"""The attention of one prefill chunk against a long KV cache, two ways, side by side in one run:
+
+    .venv/bin/python benchmarks/prefill_attention.py
+
+Why: a tau2 evaluation on the bundled model spends ~79% of its generation time in prefill (cProfile of
+`stagewise eval configs/tau2_cpu.yaml --domains airline`, 2026-12-07: 225 of 284 s), most of it in
+SDPA (167 s): each turn's new tokens (the last completion, tool results) attend to the ~5-6k cached
+tokens of the conversation. For such a chunk (queries != keys, a cache) transformers materialises a
+(chunk x keys) mask, copies the keys and values once per query head of a kv head (`repeat_kv`: no
+`enable_gqa` with a mask) and runs SDPA with that mask. The split here is the decode path's
+(stagewise/generation/shared_prefix.py): the chunk against the cached keys with no mask (a kv head's
+query heads folded into one batch of queries, so nothing is copied), the chunk against itself with
+is_causal, the two merged exactly through their log-sum-exps.
+
+Shapes: SmolLM2-135M's attention (9 query heads, 3 kv heads, head dim 64), bf16, one layer, one row.
+The table gives ms per call (mean of --repeats after one warm-up call) and the largest difference of
+the two outputs (bf16 rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from stagewise.generation.shared_prefix import attend, merge
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+REP = HEADS // KV_HEADS
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for a chunk with a cache: q (1, H, m, d), k/v (1, KV, n, d)."""
+    m, n = q.size(2), k.size(2)
+    kk = k[:, :, None].expand(1, KV_HEADS, REP, n, HEAD_DIM).reshape(1, HEADS, n, HEAD_DIM)
+    vv = v[:, :, None].expand(1, KV_HEADS, REP, n, HEAD_DIM).reshape(1, HEADS, n, HEAD_DIM)
+    mask = torch.arange(m)[:, None] + (n - m) >= torch.arange(n)[None, :]  # bottom-right causal
+    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[None, None], scale=scale)
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same attention as cache part (no mask, GQA folded into the queries) + chunk part (causal), merged."""
+    m, n = q.size(2), k.size(2)
+    cached = n - m
+    folded = q.view(1, KV_HEADS, REP * m, HEAD_DIM)
+    o_cache, lse_cache = attend(folded, k[:, :, :cached], v[:, :, :cached], scale)
+    o_cache, lse_cache = o_cache.reshape(1, HEADS, m, HEAD_DIM), lse_cache.reshape(1, HEADS, m)
+    k_own = k[:, :, cached:][:, :, None].expand(1, KV_HEADS, REP, m, HEAD_DIM).reshape(1, HEADS, m, HEAD_DIM)
+    v_own = v[:, :, cached:][:, :, None].expand(1, KV_HEADS, REP, m, HEAD_DIM).reshape(1, HEADS, m, HEAD_DIM)
+    o_own, lse_own = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k_own, v_own, 0.0, True, scale=scale)[:2]
+    return merge(o_cache, lse_cache, o_own, lse_own.float()).to(q.dtype)
+
+
+def per_call_ms(fn, args, repeats: int) -> float:
+    fn(*args)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(*args)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    scale = HEAD_DIM ** -0.5
+    print(f"one layer's attention, bf16, {torch.get_num_threads()} threads")
+    print("| new tokens | keys | masked SDPA (ms) | split (ms) | speed-up | max diff |")
+    print("|---|---|---|---|---|---|")
+    for m, n in [(64, 5500), (300, 5800), (512, 6000)]:
+        q = torch.randn(1, HEADS, m, HEAD_DIM, dtype=torch.bfloat16)
+        k = torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16)
+        v = torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16)
+        diff = (masked_sdpa(q, k, v, scale).float() - split_attention(q, k, v, scale).float()).abs().max().item()
+        plain = per_call_ms(masked_sdpa, (q, k, v, scale), args.repeats)
+        split = per_call_ms(split_attention, (q, k, v, scale), args.repeats)
+        print(f"| {m} | {n} | {plain:.1f} | {split:.1f} | x{plain / split:.2f} | {diff:.1g} |")
+
+
+if __name__ == "__main__":
+    main()
