@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from stagewise.generation.shared_prefix import attend, merge
 
@@ -31,12 +33,13 @@ REP = HEADS // KV_HEADS
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """transformers' sdpa_attention_forward for a chunk with a cache: q (1, H, m, d), k/v (1, KV, n, d)."""
+    """transformers' own sdpa_attention_forward for a chunk with a cache, given the bottom-right causal
+    bool mask the model builds for it: q (1, H, m, d), k/v (1, KV, n, d) -> (1, H, m, d)."""
     m, n = q.size(2), k.size(2)
-    kk = k[:, :, None].expand(1, KV_HEADS, REP, n, HEAD_DIM).reshape(1, HEADS, n, HEAD_DIM)
-    vv = v[:, :, None].expand(1, KV_HEADS, REP, n, HEAD_DIM).reshape(1, HEADS, n, HEAD_DIM)
-    mask = torch.arange(m)[:, None] + (n - m) >= torch.arange(n)[None, :]  # bottom-right causal
-    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[None, None], scale=scale)
+    mask = torch.arange(m)[:, None] + (n - m) >= torch.arange(n)[None, :]
+    layer = SimpleNamespace(num_key_value_groups=REP, is_causal=True, layer_idx=0, training=False)
+    out, _ = sdpa_attention_forward(layer, q, k, v, mask[None, None], scaling=scale)
+    return out.transpose(1, 2)  # it returns (1, m, H, d) for the output projection
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
