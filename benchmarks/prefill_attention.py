@@ -7,10 +7,10 @@ Why: a tau2 evaluation on the bundled model spends ~79% of its generation time i
 SDPA (167 s): each turn's new tokens (the last completion, tool results) attend to the ~5-6k cached
 tokens of the conversation. For such a chunk (queries != keys, a cache) transformers materialises a
 (chunk x keys) mask, copies the keys and values once per query head of a kv head (`repeat_kv`: no
-`enable_gqa` with a mask) and runs SDPA with that mask. The split here is the decode path's
-(stagewise/generation/shared_prefix.py): the chunk against the cached keys with no mask (a kv head's
-query heads folded into one batch of queries, so nothing is copied), the chunk against itself with
-is_causal, the two merged exactly through their log-sum-exps.
+`enable_gqa` with a mask) and runs SDPA with that mask. The split is what the sampler runs for it
+(stagewise/generation/shared_prefix.py, ``chunk_over_cache_attention``): the chunk against the cached
+keys with no mask (a kv head's query heads folded into one batch of queries, so nothing is copied),
+the chunk against itself with is_causal, the two merged exactly through their log-sum-exps.
 
 Shapes: SmolLM2-135M's attention (9 query heads, 3 kv heads, head dim 64), bf16, one layer, one row.
 The table gives ms per call (mean of --repeats after one warm-up call) and the largest difference of
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from stagewise.generation.shared_prefix import attend, merge
+from stagewise.generation.shared_prefix import chunk_over_cache_attention_forward
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 REP = HEADS // KV_HEADS
@@ -43,17 +43,11 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same attention as cache part (no mask, GQA folded into the queries) + chunk part (causal), merged."""
-    m, n = q.size(2), k.size(2)
-    cached = n - m
-    folded = q.view(1, KV_HEADS, REP * m, HEAD_DIM)
-    o_cache, lse_cache = attend(folded, k[:, :, :cached], v[:, :, :cached], scale)
-    o_cache, lse_cache = o_cache.reshape(1, HEADS, m, HEAD_DIM), lse_cache.reshape(1, HEADS, m)
-    k_own = k[:, :, cached:][:, :, None].expand(1, KV_HEADS, REP, m, HEAD_DIM).reshape(1, HEADS, m, HEAD_DIM)
-    v_own = v[:, :, cached:][:, :, None].expand(1, KV_HEADS, REP, m, HEAD_DIM).reshape(1, HEADS, m, HEAD_DIM)
-    o_own, lse_own = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k_own, v_own, 0.0, True, scale=scale)[:2]
-    return merge(o_cache, lse_cache, o_own, lse_own.float()).to(q.dtype)
+    """The sampler's own attention for such a chunk (shared_prefix.chunk_over_cache_attention_forward):
+    the cached keys with no mask, GQA folded into the queries, plus the chunk causally, merged."""
+    layer = SimpleNamespace(num_key_value_groups=REP, is_causal=True, layer_idx=0, training=False)
+    out, _ = chunk_over_cache_attention_forward(layer, q, k, v, None, scaling=scale)
+    return out.transpose(1, 2)
 
 
 def per_call_ms(fn, args, repeats: int) -> float:

@@ -142,6 +142,29 @@ class PrefixStore:
         head = self._head_for(tokens, hashes, kv, block)
         start = 0 if head is None else head.tokens.numel()
         tail = [(k[:, :, start:].clone(), v[:, :, start:].clone()) if start else (k, v) for k, v in kv]
+        self._insert(tokens, hashes, head, tail, block)
+
+    def extend(self, tokens: torch.Tensor, more: torch.Tensor, more_kv: list[tuple[torch.Tensor, torch.Tensor]],
+               block: int) -> bool:
+        """Keep ``tokens + more`` where ``tokens`` is a stored prompt and ``more_kv`` (per layer (k, v) of
+        (1, kv_heads, len(more), d)) the keys and values of ``more`` after it: a turn's completion, which
+        decoding computed, so the episode's next turn need not prefill it again. The prompt's copy goes
+        first from then on. -> False when the prompt is no longer stored (nothing kept)."""
+        hashes = block_hashes(tokens, block)
+        if not hashes or not more.numel():
+            return False
+        key = next((k for k in self.ends.get(hashes[-1], ()) if torch.equal(self.entries[k].tokens, tokens)), None)
+        if key is None:
+            return False
+        entry = self.entries[key]
+        tail = [(torch.cat([k, mk.to(k.dtype)], dim=2), torch.cat([v, mv.to(v.dtype)], dim=2))
+                for (k, v), (mk, mv) in zip(entry.tail, more_kv)]
+        self.entries.move_to_end(key, last=False)
+        whole = torch.cat([tokens, more.to(tokens.device)])
+        self._insert(whole, block_hashes(whole, block), entry.head, tail, block)
+        return True
+
+    def _insert(self, tokens: torch.Tensor, hashes: list[int], head: _Head | None, tail: list, block: int) -> None:
         entry = _Entry(tokens, head, tail, nbytes(tail))
         key, self._next = self._next, self._next + 1
         self.entries[key] = entry

@@ -108,6 +108,8 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
     logits: list = [None] * N
     starts = [0] * N  # tokens (whole blocks) prompt i shares with its sorted predecessor
     previous = None
+    # a chunk that continues a cache attends to it without a materialised mask (shared_prefix)
+    split_attention = shared_prefix.supported(model)
     for i in order:
         n, cache = lengths[i], None
         if previous is not None:
@@ -123,10 +125,12 @@ def prefill(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torc
                 cache.update(layer.keys[:, :, :start], layer.values[:, :, :start], li)
         # to the next block boundary, then whole blocks at fixed offsets
         cuts = [start] + list(range((start // PREFILL_BLOCK + 1) * PREFILL_BLOCK, n, PREFILL_BLOCK)) + [n]
-        for s, e in zip(cuts, cuts[1:]):
-            out = model(input_ids=rows[i][None, s:e], position_ids=torch.arange(s, e, device=prompt_ids.device)[None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+        with shared_prefix.chunk_over_cache_attention(model) if split_attention else nullcontext():
+            for s, e in zip(cuts, cuts[1:]):
+                positions_se = torch.arange(s, e, device=prompt_ids.device)[None]
+                out = model(input_ids=rows[i][None, s:e], position_ids=positions_se, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
         ls = getattr(cache, "layers", None)
         if not ls or not all(hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in ls):
             # a cache we cannot cut or pad (sliding windows, ...): the batched way
@@ -165,6 +169,20 @@ def shared_cache(layers: list, order: list[int], starts: list[int], lengths: lis
     return shared_prefix.SharedPrefixCache.from_prompts(caches, prefix_of, room)
 
 
+def store_completions(store: PrefixStore, cache, ended: torch.Tensor, prompts: list[torch.Tensor],
+                      decoded: torch.Tensor) -> None:
+    """Keep each ended row's prompt + its decoded tokens in the store: the keys and values of the
+    t = decoded.size(1) tokens the cache holds after the prompt are the last t of the row's tail (the
+    stop token just drawn was never run). A multi-turn episode's next prompt is that prompt, the
+    completion and what was said since: it then prefills only the last part.
+    ended: (rows,) bool over the cache's rows; prompts[j], decoded[j]: cache row j's."""
+    t = decoded.size(1)
+    for j in ended.nonzero().flatten().tolist():
+        n = int(cache.tail_len[0][j])
+        kv = [(k[j:j + 1, :, n - t:n], v[j:j + 1, :, n - t:n]) for k, v in zip(cache.tail_k, cache.tail_v)]
+        store.extend(prompts[j], decoded[j], kv, PREFILL_BLOCK)
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_token_ids: list[int], pad_token_id: int, num_samples: int = 1,
@@ -198,6 +216,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     past, logits = prefill(model, prompt_ids, mask, positions, lockstep=all_done is not None, room=max_new_tokens,
                            store=prefix_store)
     shared = isinstance(past, shared_prefix.SharedPrefixCache)  # long prompts: shared prefixes read once
+    if shared and prefix_store is not None:  # a row's prompt, to store it with the completion's keys and values
+        lengths_in = prompt_mask.sum(-1).tolist()
+        prompt_rows = [prompt_ids[i, prompt_ids.size(1) - lengths_in[i]:] for i in range(N)]
     next_pos = positions[:, -1:] + 1
     if num_samples > 1:
         past.batch_repeat_interleave(num_samples)
@@ -228,6 +249,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
                 hit = torch.isin(nxt, eos)
                 ended[active[hit]] = True
                 if hit.any():
+                    if shared and prefix_store is not None and t:
+                        store_completions(prefix_store, past, hit, [prompt_rows[i // num_samples] for i in
+                                                                    active.tolist()], tokens[active, :t])
                     keep = (~hit).nonzero().squeeze(1)
                     past.batch_select_indices(keep)
                     active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]

@@ -18,7 +18,12 @@ Attention over the two parts is merged exactly through their log-sum-exps (the s
 "cascade" / Hydragen decomposition of softmax attention): softmax over [prefix; tail] equals the two
 partial softmaxes weighted by exp(lse_part - lse_all). Only rounding differs from one dense SDPA call.
 
-Used for decoding only (one new token per row per step); prefill runs the model's own attention.
+The same split serves prefill chunks that continue a cache (``chunk_over_cache_attention``): a
+multi-turn episode's next turn prefills a few hundred new tokens against the ~5-6k cached ones. The
+model's own SDPA path builds a (chunk x keys) mask for that, copies the keys and values once per query
+head (no GQA with a mask) and runs the masked kernel; here the chunk reads the cached keys without a
+mask (a kv head's query heads folded into one query batch: nothing copied) and itself causally, merged
+through the log-sum-exps (benchmarks/prefill_attention.py: x1.2-1.5 per call on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ def attend_cuda(q, k, v, scale, mask=None):
         except RuntimeError as e:
             _cuda_kernel_failed.append(str(e).splitlines()[0])
     return attend_math(q, k, v, scale, mask)
+
+
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of m queries over m keys at the same positions, with its log-sum-exp:
+    q, k, v (b, h, m, d) -> out (b, h, m, d), lse (b, h, m) fp32."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+        return out, lse.float()
+    m = q.size(2)
+    future = torch.full((m, m), float("-inf"), device=q.device).triu(1)
+    return attend(q, k, v, scale, future)
 
 
 def kernel_for(device_type: str):
@@ -216,6 +232,37 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     return key.cache.attention(key.layer, query, scale), None
 
 
+CHUNK_NAME = "stagewise_chunk_over_cache"
+
+
+def chunk_over_cache_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                       **kwargs):
+    """transformers attention function (``stagewise_chunk_over_cache``) for the prefill chunk of one
+    unpadded row that continues a cache: query (1, heads, m, d); key, value (1, kv_heads, n, d), the
+    n - m cached positions then the chunk's own. Returns (1, m, heads, d), as transformers' attention
+    functions do. Anything else (a batch, no cache) goes to transformers' SDPA function."""
+    rows, heads, m, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    if rows != 1 or n <= m or attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    scale = scaling if scaling is not None else d ** -0.5
+    # one dtype for the three, as the one SDPA call under autocast would have (keys may leave the
+    # rotary embedding in fp32)
+    dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else query.dtype
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    per_kv, cached = heads // kv_heads, n - m
+    # query head h reads kv head h // per_kv (transformers' repeat_kv order)
+    o_cache, lse_cache = attend(q.reshape(1, kv_heads, per_kv * m, d), k[:, :, :cached], v[:, :, :cached], scale)
+    own_k = k[:, :, cached:].repeat_interleave(per_kv, dim=1)  # the chunk's own m positions: a small copy
+    own_v = v[:, :, cached:].repeat_interleave(per_kv, dim=1)
+    o_own, lse_own = attend_causal(q, own_k, own_v, scale)
+    out = merge(o_cache.reshape(1, heads, m, d), lse_cache.reshape(1, heads, m), o_own, lse_own)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 def supported(model) -> bool:
     """Plain softmax attention: no soft-capping, no sinks, no sliding windows."""
     for m in model.modules():
@@ -229,13 +276,25 @@ def supported(model) -> bool:
     return True
 
 
-@contextmanager
 def shared_prefix_attention(model):
     """Within: the model's attention layers read a SharedPrefixCache (every config under ``model``,
     through any wrappers, switched to this attention and back)."""
+    return attention_implementation(model, NAME, shared_prefix_attention_forward)
+
+
+def chunk_over_cache_attention(model):
+    """Within: the model's attention layers compute a one-row prefill chunk that continues a cache by
+    the split above (``chunk_over_cache_attention_forward``)."""
+    return attention_implementation(model, CHUNK_NAME, chunk_over_cache_attention_forward)
+
+
+@contextmanager
+def attention_implementation(model, name: str, forward):
+    """Every config under ``model`` (through any wrappers) switched to attention function ``forward``
+    registered as ``name``, and back on leaving."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, shared_prefix_attention_forward)
+    AttentionInterface.register(name, forward)
     configs = {}
     for m in model.modules():
         config = getattr(m, "config", None)
@@ -244,7 +303,7 @@ def shared_prefix_attention(model):
     before = {i: c._attn_implementation for i, c in configs.items()}
     try:
         for c in configs.values():
-            c._attn_implementation = NAME
+            c._attn_implementation = name
         yield
     finally:
         for i, c in configs.items():

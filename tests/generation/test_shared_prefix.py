@@ -168,6 +168,72 @@ def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
     assert torch.allclose(reused, fresh, atol=1e-5), (reused - fresh).abs().max()
 
 
+def test_a_turns_completion_is_stored_with_its_prompt_and_not_prefilled_again():
+    """A 1,300-token prompt sampled (seeded) until a stop token at step i >= 2; the next turn (that prompt,
+    the completion, 300 more tokens) prefills only from the stop token on: the i decoded tokens' keys
+    and values come from the store. Its logits are a fresh prefill's (fp32, to rounding)."""
+    import stagewise.generation.sampling as sampling
+    from stagewise.generation.engines import LocalGenerator, SamplingParams
+    from tests.conftest import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    model = type(model)(model.config).eval()
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def forward(self, input_ids, **k):
+            if input_ids.size(1) > 1:
+                seen.append(input_ids.size(1))
+            return self.m(input_ids=input_ids, **k)
+
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(0, 256, (1300,), generator=g).tolist()
+    probe = LocalGenerator(model, build_tokenizer(), device="cpu", prefix_cache_gib=0)
+    drawn = probe.generate([first], n=1, seeds=[7], params=SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                                          stop_token_ids=(-1,))).tokens[0]
+    i = next(j for j in range(2, 12) if drawn[j] not in drawn[:j])  # a token first drawn at step i >= 2
+    engine = LocalGenerator(Counting(model), build_tokenizer(), device="cpu")
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=(drawn[i],))
+    completion = engine.generate([first], n=1, seeds=[7], params=params).tokens[0]
+    assert completion == drawn[:i + 1]
+    seen.clear()
+    second = first + completion + torch.randint(0, 256, (300,), generator=g).tolist()
+    engine.generate([second], n=1, seeds=[8], params=params)
+    stored = 1300 + i  # the prompt and the i decoded tokens run through the model (not the stop token)
+    assert seen == [1536 - stored, len(second) - 1536]
+    with torch.no_grad():
+        ids = torch.tensor([second])
+        _, reused = sampling.prefill(model, ids, torch.ones_like(ids), torch.arange(len(second))[None],
+                                     lockstep=False, store=engine.prefix_store)
+        _, fresh = sampling.prefill(model, ids, torch.ones_like(ids), torch.arange(len(second))[None], lockstep=False)
+    assert torch.allclose(reused, fresh, atol=1e-5), (reused - fresh).abs().max()
+
+
+def test_prefix_store_extends_a_stored_prompt_and_drops_its_copy_first():
+    from types import SimpleNamespace
+
+    from stagewise.generation.prefix_store import PrefixStore
+
+    store = PrefixStore(budget_bytes=16 * 40)  # 16 bytes per token (one fp32 layer, 1 kv head of width 2)
+    a = torch.arange(10)
+    store.add(a, [SimpleNamespace(keys=torch.zeros(1, 1, 10, 2), values=torch.zeros(1, 1, 10, 2))], block=4)
+    more_kv = [(torch.ones(1, 1, 3, 2), torch.full((1, 1, 3, 2), 2.0))]
+    assert store.extend(a, torch.tensor([50, 51, 52]), more_kv, block=4)
+    assert not store.extend(torch.arange(1, 11), torch.tensor([1]), more_kv, block=4)  # not a stored prompt
+    store.add(torch.arange(100, 120), [SimpleNamespace(keys=torch.zeros(1, 1, 20, 2),
+                                                       values=torch.zeros(1, 1, 20, 2))], block=4)
+    # 10 + 13 + 20 tokens > 40: the prompt's own copy goes first, the extended one stays
+    assert store.used == 16 * 33 and sorted(e.tokens.numel() for e in store.entries.values()) == [13, 20]
+    n, layers = store.longest(torch.cat([a, torch.tensor([50, 51, 52, 7])]), 4, below=14)
+    assert n == 13 and torch.equal(layers[0].values[0, 0, 10:], torch.full((3, 2), 2.0))
+    assert torch.equal(layers[0].keys[0, 0, :10], torch.zeros(10, 2))
+
+
 def test_a_decode_step_asks_the_device_nothing_per_layer(monkeypatch):
     """Host syncs (int(tensor), .item(), .tolist()) serialise kernel launches on a GPU: a decode
     step's per-layer update + attention must not need any (a 36-layer model made 72 per token)."""
@@ -261,3 +327,68 @@ def test_prefix_store_keeps_what_conversations_share_once():
     for key in list(store.entries):
         store._drop(key, 4)
     assert store.used == 0 and not store.heads and not store.index
+
+
+def test_causal_attention_with_lse_matches_the_masked_reference():
+    from stagewise.generation.shared_prefix import attend_causal
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 7, 8, generator=g) for _ in range(3))
+    future = torch.full((7, 7), float("-inf")).triu(1)
+    out, lse = attend_causal(q, k, v, 0.3)
+    ref_out, ref_lse = attend_math(q, k, v, 0.3, future)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_a_chunk_over_a_cache_attends_as_dense_causal_attention():
+    """q (1, 4 heads, m, d) over 2 kv heads of n keys, the last m of them the chunk's own: the split
+    (cached keys unmasked, GQA folded into the queries; the chunk causally; merged) equals dense
+    bottom-right causal attention; a batch of rows, or a chunk with no cache, goes to transformers' SDPA."""
+    from types import SimpleNamespace
+
+    from stagewise.generation.shared_prefix import chunk_over_cache_attention_forward
+
+    g = torch.Generator().manual_seed(3)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    for m, n in [(1, 9), (5, 40), (16, 16)]:
+        q = torch.randn(1, 4, m, 8, generator=g)
+        k, v = torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+        out, _ = chunk_over_cache_attention_forward(module, q, k, v, None, scaling=0.4)
+        assert out.shape == (1, m, 4, 8)
+        for i in range(m):  # query i sits at position n - m + i: it reads keys 0 .. n - m + i
+            seen = n - m + i + 1
+            torch.testing.assert_close(out[0, i], _dense(q[0, :, i], k[0, :, :seen], v[0, :, :seen], 0.4))
+
+
+def test_prefill_chunks_that_continue_a_cache_give_the_models_own_logits_and_cache(monkeypatch):
+    """A tiny GQA Llama prefilled in two chunks (the second continues the first's cache): under the
+    chunk attention, logits and keys/values equal the model's own SDPA path to fp32 rounding, the
+    split really ran (its causal kernel was called), and the model's attention is restored after."""
+    from contextlib import nullcontext
+
+    from transformers import DynamicCache
+
+    import stagewise.generation.shared_prefix as sp
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(260).eval()
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = sp.attend_causal
+    monkeypatch.setattr(sp, "attend_causal", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for split in (False, True):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :200], past_key_values=cache, use_cache=True)
+            with sp.chunk_over_cache_attention(model) if split else nullcontext():
+                out = model(input_ids=ids[:, 200:], position_ids=torch.arange(200, 300)[None], past_key_values=cache,
+                            use_cache=True)
+        results.append((out.logits, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]))
+        assert len(calls) == (2 if split else 0)  # once per layer, only under the split
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for (k1, v1), (k0, v0) in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(k1, k0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v1, v0, atol=1e-5, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"
