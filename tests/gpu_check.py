@@ -235,7 +235,8 @@ def check_replica(ctx: Context) -> Row:
 
 def check_attention_kernel(ctx: Context) -> Row:
     """The shared-prefix decoder's attention on the device's fused kernel (with its log-sum-exp),
-    against the fp32 math path, bf16, a masked tail and a 4k-token shared segment."""
+    against the fp32 math path, bf16, a masked tail and a 4k-token shared segment; and a prefill
+    chunk's split attention over a cache (its causal part on the kernel's flag) against dense SDPA."""
     import torch
 
     from stagewise.generation import shared_prefix
@@ -257,6 +258,19 @@ def check_attention_kernel(ctx: Context) -> Row:
         out, lse = shared_prefix.attend(q, k, v, 0.125, mask)
         ref, ref_lse = shared_prefix.attend_math(q, k, v, 0.125, mask)
         worst = max(worst, (out.float() - ref.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
+    # a prefill chunk of 300 tokens: over itself causally (the kernel's flag), and the whole chunk
+    # attention (cache part + own part, merged) against dense math with the bottom-right causal mask
+    q, k, v = randn(1, 4, 300, 64), randn(1, 2, 4396, 64), randn(1, 2, 4396, 64)
+    qs = q[:, :2]
+    out, lse = shared_prefix.attend_causal(qs, k[:, :, -300:], v[:, :, -300:], 0.125)
+    ref, ref_lse = shared_prefix.attend_math(qs, k[:, :, -300:], v[:, :, -300:], 0.125, causal=True)
+    worst = max(worst, (out.float() - ref.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
+    module = type("Layer", (), {"num_key_value_groups": 2, "is_causal": True, "training": False})()
+    out = shared_prefix.chunk_over_cache_attention_forward(module, q, k, v, None, scaling=0.125)[0]
+    below = torch.ones(300, 4396, dtype=torch.bool, device=ctx.device).tril(4396 - 300)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1), attn_mask=below, scale=0.125)
+    worst = max(worst, (out.float() - dense.transpose(1, 2)).abs().max().item())
     assert not shared_prefix._cuda_kernel_failed, f"fell back to math: {shared_prefix._cuda_kernel_failed}"
     assert worst < 0.05, f"kernel vs math: {worst:.3g}"
     return Row("attention_kernel", "ok", detail=f"{shared_prefix.kernel_for(ctx.device).__name__}, "

@@ -36,45 +36,41 @@ NAME = "stagewise_shared_prefix"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           mask: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its log-sum-exp. q: (b, h, m, d), k/v: (b, h, n, d), mask: additive,
-    broadcastable to (b, h, m, n) -> out (b, h, m, d) in q's dtype, lse (b, h, m) fp32."""
-    return kernel_for(q.device.type)(q, k, v, scale, mask)
+    broadcastable to (b, h, m, n) -> out (b, h, m, d) in q's dtype, lse (b, h, m) fp32.
+    causal (m == n, no mask): query i reads keys 0..i."""
+    return kernel_for(q.device.type)(q, k, v, scale, mask, causal)
 
 
-def attend_cpu(q, k, v, scale, mask=None):
+def attend_cpu(q, k, v, scale, mask=None, causal=False):
     """CPU's flash kernel: it returns the log-sum-exp; fp32 accumulation inside."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
+        q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
     return out, lse.float()
 
 
 _cuda_kernel_failed: list[str] = []  # why the CUDA kernel could not take these shapes (then: math)
 
 
-def attend_cuda(q, k, v, scale, mask=None):
+def attend_cuda(q, k, v, scale, mask=None, causal=False):
     """CUDA's memory-efficient SDPA kernel, which returns the log-sum-exp (and takes a mask); where
     it refuses the shapes or dtypes, the fp32 math path (remembered for the process)."""
     if not _cuda_kernel_failed:
         try:
             bias = None if mask is None else mask.to(q.dtype).expand(q.size(0), q.size(1), q.size(2), k.size(2))
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+                q, k, v, bias, True, 0.0, causal, scale=scale)[:2]
             return out, lse[..., :q.size(2)].float()  # the kernel may pad the query dim of its lse
         except RuntimeError as e:
             _cuda_kernel_failed.append(str(e).splitlines()[0])
-    return attend_math(q, k, v, scale, mask)
+    return attend_math(q, k, v, scale, mask, causal)
 
 
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of m queries over m keys at the same positions, with its log-sum-exp:
     q, k, v (b, h, m, d) -> out (b, h, m, d), lse (b, h, m) fp32."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
-        return out, lse.float()
-    m = q.size(2)
-    future = torch.full((m, m), float("-inf"), device=q.device).triu(1)
-    return attend(q, k, v, scale, future)
+    return attend(q, k, v, scale, causal=True)
 
 
 def kernel_for(device_type: str):
@@ -84,11 +80,13 @@ def kernel_for(device_type: str):
 
 
 def attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend`` in fp32 matmuls, for devices without a kernel that returns the log-sum-exp here."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask.float()
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
     return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 

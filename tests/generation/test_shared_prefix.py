@@ -272,7 +272,7 @@ def test_cuda_attention_takes_a_kernel_that_returns_the_log_sum_exp(monkeypatch)
 
     def kernel(q, k, v, bias, compute_lse, dropout, causal, scale):
         seen.append((tuple(bias.shape) if bias is not None else None, compute_lse, causal, scale))
-        out, lse = attend_math(q, k, v, scale, bias)
+        out, lse = attend_math(q, k, v, scale, bias, causal)
         return out, torch.nn.functional.pad(lse, (0, 32 - lse.size(-1))), None, None  # lse padded as CUDA's
 
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", kernel, raising=False)
@@ -286,6 +286,12 @@ def test_cuda_attention_takes_a_kernel_that_returns_the_log_sum_exp(monkeypatch)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     assert seen == [((2, 3, 4, 4), True, False, 0.5)]
+    # a prefill chunk's attention to itself: the kernel's own causal flag, no bias
+    out, lse = shared_prefix.attend_cuda(q, k, v, 0.5, causal=True)
+    ref_out, ref_lse = attend_math(q, k, v, 0.5, torch.full((4, 4), float("-inf")).triu(1))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert seen[1] == (None, True, True, 0.5)
 
 
 def test_prefix_store_keeps_what_conversations_share_once():
