@@ -75,11 +75,8 @@ def test_sampler_decodes_long_prompts_through_the_shared_prefix_cache(monkeypatc
     to rounding."""
     import stagewise.generation.sampling as sampling
     from stagewise.generation import shared_prefix
-    from tests.conftest import build_tiny_model
 
-    model = build_tiny_model(260).eval()
-    model.config.max_position_embeddings = 2048
-    model = type(model)(model.config).eval()
+    model = long_context_tiny()
     g = torch.Generator().manual_seed(2)
     common = torch.randint(0, 256, (1100,), generator=g)
     ids = torch.stack([torch.cat([common, torch.randint(0, 256, (200,), generator=g)]) for _ in range(2)])
@@ -126,6 +123,28 @@ def test_prefix_store_finds_the_longest_whole_block_prefix_and_keeps_to_its_budg
     assert store.used == 16 * 20
 
 
+def long_context_tiny():
+    """The tiny Llama with rotary tables for 2,048 positions."""
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(260).eval()
+    model.config.max_position_embeddings = 2048
+    return type(model)(model.config).eval()
+
+
+class PrefillCounting(torch.nn.Module):
+    """A model wrapper recording the length of every multi-token forward (prefill chunks) in ``seen``."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.config, self.seen = m, m.config, []
+
+    def forward(self, input_ids, **k):
+        if input_ids.size(1) > 1:
+            self.seen.append(input_ids.size(1))
+        return self.m(input_ids=input_ids, **k)
+
+
 def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
     """A 1,300-token prompt, then the same prompt extended by 400 tokens (the next turn): the second call
     runs only the 400 new tokens through the model (to the next block boundary, then whole blocks),
@@ -133,27 +152,16 @@ def test_engine_prefills_only_what_a_conversation_added_since_its_last_turn():
     tokens)."""
     import stagewise.generation.sampling as sampling
     from stagewise.generation.engines import LocalGenerator, SamplingParams
-    from tests.conftest import build_tiny_model, build_tokenizer
+    from tests.conftest import build_tokenizer
 
-    model = build_tiny_model(260).eval()
-    model.config.max_position_embeddings = 2048
-    model = type(model)(model.config).eval()
-    seen = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m, self.config = m, m.config
-
-        def forward(self, input_ids, **k):
-            if input_ids.size(1) > 1:
-                seen.append(input_ids.size(1))
-            return self.m(input_ids=input_ids, **k)
+    model = long_context_tiny()
+    counting = PrefillCounting(model)
+    seen = counting.seen
 
     g = torch.Generator().manual_seed(3)
     first = torch.randint(0, 256, (1300,), generator=g)
     second = torch.cat([first, torch.randint(0, 256, (400,), generator=g)])
-    engine = LocalGenerator(Counting(model), build_tokenizer(), device="cpu")
+    engine = LocalGenerator(counting, build_tokenizer(), device="cpu")
     params = SamplingParams(max_new_tokens=1, greedy=True, stop_token_ids=(259,))
     engine.generate([first.tolist()], n=1, seeds=None, params=params)
     assert sum(seen) == 1300
@@ -174,22 +182,11 @@ def test_a_turns_completion_is_stored_with_its_prompt_and_not_prefilled_again():
     and values come from the store. Its logits are a fresh prefill's (fp32, to rounding)."""
     import stagewise.generation.sampling as sampling
     from stagewise.generation.engines import LocalGenerator, SamplingParams
-    from tests.conftest import build_tiny_model, build_tokenizer
+    from tests.conftest import build_tokenizer
 
-    model = build_tiny_model(260).eval()
-    model.config.max_position_embeddings = 2048
-    model = type(model)(model.config).eval()
-    seen = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m, self.config = m, m.config
-
-        def forward(self, input_ids, **k):
-            if input_ids.size(1) > 1:
-                seen.append(input_ids.size(1))
-            return self.m(input_ids=input_ids, **k)
+    model = long_context_tiny()
+    counting = PrefillCounting(model)
+    seen = counting.seen
 
     g = torch.Generator().manual_seed(5)
     first = torch.randint(0, 256, (1300,), generator=g).tolist()
@@ -197,7 +194,7 @@ def test_a_turns_completion_is_stored_with_its_prompt_and_not_prefilled_again():
     drawn = probe.generate([first], n=1, seeds=[7], params=SamplingParams(max_new_tokens=12, temperature=1.0,
                                                                           stop_token_ids=(-1,))).tokens[0]
     i = next(j for j in range(2, 12) if drawn[j] not in drawn[:j])  # a token first drawn at step i >= 2
-    engine = LocalGenerator(Counting(model), build_tokenizer(), device="cpu")
+    engine = LocalGenerator(counting, build_tokenizer(), device="cpu")
     params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=(drawn[i],))
     completion = engine.generate([first], n=1, seeds=[7], params=params).tokens[0]
     assert completion == drawn[:i + 1]
