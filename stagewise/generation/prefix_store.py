@@ -1,13 +1,13 @@
 """Prompt caches kept between generate calls, found again by their whole-block prefixes.
 
     store = PrefixStore(budget_bytes=2**30)
-    hit = store.longest(tokens, block=512)        # (length, layers) of the longest stored whole-block prefix
-    store.add(tokens, layers, block=512)          # after prefilling `tokens`
+    hit = store.longest(tokens, block=256)        # (length, layers) of the longest stored whole-block prefix
+    store.add(tokens, layers, block=256)          # after prefilling `tokens`
 
 Why: a multi-turn episode's next prompt is its last prompt plus what was said since, and every
 episode of a tau2 domain starts with the same ~5,000 tokens of policy and tool schemas. Within one
 engine (one rollout phase, one evaluation: the weights do not change) prefilling them again each
-turn was most of the sampler's time. This is vLLM's automatic prefix caching, at our 512-token
+turn was most of the sampler's time. This is vLLM's automatic prefix caching, at our 256-token
 block granularity: blocks sit at fixed offsets, so a block computed from a stored cache is bit for
 bit the block computed afresh. A prompt that extends a whole stored prompt (the same conversation's
 previous turn) starts from all of it, so a turn prefills only what was said since; its numbers

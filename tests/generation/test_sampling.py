@@ -183,7 +183,7 @@ def test_long_prompts_prefilled_one_by_one_sample_as_the_padded_batch(monkeypatc
 
 def test_prompts_sharing_a_long_prefix_compute_its_blocks_once_and_sample_as_alone():
     """Three 1,300-1,500-token prompts equal for their first 1,100 tokens (tau2's policy and tools
-    in every episode): the two whole blocks they share (2 x PREFILL_BLOCK) are computed once, each
+    in every episode): the whole blocks they share (1,024 tokens) are computed once, each
     prompt's prefill logits are bit for bit those it gets on its own, and so are its completions."""
     import stagewise.generation.sampling as sampling
     from tests.conftest import build_tiny_model
@@ -212,11 +212,12 @@ def test_prompts_sharing_a_long_prefix_compute_its_blocks_once_and_sample_as_alo
               with_logprobs=True)
     counting = Counting(model)
     together = sample(counting, ids, mask, seeds=list(range(6)), **kw)
-    block = sampling.PREFILL_BLOCK
-    assert block == 512
+    shared_blocks = 1100 // sampling.PREFILL_BLOCK * sampling.PREFILL_BLOCK
+    assert shared_blocks == 1024
     # sorted order: the first prompt is prefilled whole, the other two from the shared 1,024th token on
     first = min(range(3), key=lambda i: prompts[i].tolist())
-    assert counting.tokens == len(prompts[first]) + sum(len(p) - 2 * block for i, p in enumerate(prompts) if i != first)
+    assert counting.tokens == len(prompts[first]) + sum(len(p) - shared_blocks for i, p in enumerate(prompts)
+                                                        if i != first)
     for i, p in enumerate(prompts):
         alone = sample(model, p[None], torch.ones_like(p)[None], seeds=[2 * i, 2 * i + 1], **kw)
         width = alone[0].size(1)
