@@ -173,18 +173,15 @@ def shared_cache(layers: list, order: list[int], starts: list[int], lengths: lis
     return shared_prefix.SharedPrefixCache.from_prompts(caches, prefix_of, room)
 
 
-def store_completions(store: PrefixStore, cache, ended: torch.Tensor, prompts: list[torch.Tensor],
-                      decoded: torch.Tensor) -> None:
+def store_completions(store: PrefixStore, cache: shared_prefix.SharedPrefixCache, ended: torch.Tensor,
+                      prompts: list[torch.Tensor], decoded: torch.Tensor) -> None:
     """Keep each ended row's prompt + its decoded tokens in the store: the keys and values of the
     t = decoded.size(1) tokens the cache holds after the prompt are the last t of the row's tail (the
     stop token just drawn was never run). A multi-turn episode's next prompt is that prompt, the
     completion and what was said since: it then prefills only the last part.
     ended: (rows,) bool over the cache's rows; prompts[j], decoded[j]: cache row j's."""
-    t = decoded.size(1)
     for j in ended.nonzero().flatten().tolist():
-        n = int(cache.tail_len[0][j])
-        kv = [(k[j:j + 1, :, n - t:n], v[j:j + 1, :, n - t:n]) for k, v in zip(cache.tail_k, cache.tail_v)]
-        store.extend(prompts[j], decoded[j], kv, PREFILL_BLOCK)
+        store.extend(prompts[j], decoded[j], cache.last_of_row(j, decoded.size(1)), PREFILL_BLOCK)
 
 
 @torch.no_grad()

@@ -35,6 +35,12 @@ import torch
 NAME = "stagewise_shared_prefix"
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype one SDPA call would compute ``t`` in: autocast's where it is on (keys leave the rotary
+    embedding in fp32, values in bf16), else the tensor's own."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its log-sum-exp. q: (b, h, m, d), k/v: (b, h, n, d), mask: additive,
@@ -128,9 +134,7 @@ class SharedPrefixCache:
         prompt i shares its first L tokens with prompt j (j == i: it owns that segment; L = 0: none).
         room: decode steps the tails must hold beyond the prompts' own tails."""
         k0 = caches[0][0][0]
-        # one dtype for keys, values and queries: under autocast the one SDPA would compute in (keys
-        # come out of the rotary embedding in fp32, values in bf16), else the cache's own
-        dtype = torch.get_autocast_dtype(k0.device.type) if torch.is_autocast_enabled(k0.device.type) else k0.dtype
+        dtype = compute_dtype(k0)  # one dtype for keys, values and queries
         owners = sorted({j for j, n in prefix_of if n})
         seg_index = {j: s for s, j in enumerate(owners)}
         length = {j: n for j, n in prefix_of if n}  # one length per owner: all its rows share L
@@ -187,6 +191,12 @@ class SharedPrefixCache:
         self.tail_len = [n.repeat_interleave(repeats) for n in self.tail_len]
         self.segment_of, self._groups = self.segment_of.repeat_interleave(repeats), None
 
+    def last_of_row(self, row: int, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values of the last ``t`` positions of cache row ``row``'s tail (its
+        decoded tokens once it has decoded t): each (1, kv_heads, t, d)."""
+        n = int(self.tail_len[0][row])
+        return [(k[row:row + 1, :, n - t:n], v[row:row + 1, :, n - t:n]) for k, v in zip(self.tail_k, self.tail_v)]
+
     # -- attention ----------------------------------------------------------------------------------
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """(segment, the rows reading it) for every segment some row reads; computed once per batch."""
@@ -238,18 +248,19 @@ def chunk_over_cache_attention_forward(module, query, key, value, attention_mask
     """transformers attention function (``stagewise_chunk_over_cache``) for the prefill chunk of one
     unpadded row that continues a cache: query (1, heads, m, d); key, value (1, kv_heads, n, d), the
     n - m cached positions then the chunk's own. Returns (1, m, heads, d), as transformers' attention
-    functions do. Anything else (a batch, no cache) goes to transformers' SDPA function."""
+    functions do. A chunk with no cache (the prompt's first) goes to transformers' SDPA function; a
+    batch of rows is refused: under this implementation the model builds no padding mask for it."""
     rows, heads, m, d = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
-    if rows != 1 or n <= m or attention_mask is not None:
+    if rows != 1:
+        raise ValueError(f"chunk_over_cache_attention is for one unpadded row at a time, got {rows} rows")
+    if n <= m or attention_mask is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     scale = scaling if scaling is not None else d ** -0.5
-    # one dtype for the three, as the one SDPA call under autocast would have (keys may leave the
-    # rotary embedding in fp32)
-    dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else query.dtype
+    dtype = compute_dtype(query)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     per_kv, cached = heads // kv_heads, n - m
     # query head h reads kv head h // per_kv (transformers' repeat_kv order)

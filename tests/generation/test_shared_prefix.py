@@ -347,8 +347,11 @@ def test_causal_attention_with_lse_matches_the_masked_reference():
 def test_a_chunk_over_a_cache_attends_as_dense_causal_attention():
     """q (1, 4 heads, m, d) over 2 kv heads of n keys, the last m of them the chunk's own: the split
     (cached keys unmasked, GQA folded into the queries; the chunk causally; merged) equals dense
-    bottom-right causal attention; a batch of rows, or a chunk with no cache, goes to transformers' SDPA."""
+    bottom-right causal attention; a chunk with no cache goes to transformers' SDPA, a batch of rows is
+    refused (the model builds no padding mask under this attention)."""
     from types import SimpleNamespace
+
+    import pytest
 
     from stagewise.generation.shared_prefix import chunk_over_cache_attention_forward
 
@@ -362,6 +365,9 @@ def test_a_chunk_over_a_cache_attends_as_dense_causal_attention():
         for i in range(m):  # query i sits at position n - m + i: it reads keys 0 .. n - m + i
             seen = n - m + i + 1
             torch.testing.assert_close(out[0, i], _dense(q[0, :, i], k[0, :, :seen], v[0, :, :seen], 0.4))
+    two = torch.randn(2, 4, 3, 8, generator=g)
+    with pytest.raises(ValueError, match="one unpadded row"):
+        chunk_over_cache_attention_forward(module, two, torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), None)
 
 
 def test_prefill_chunks_that_continue_a_cache_give_the_models_own_logits_and_cache(monkeypatch):
