@@ -186,6 +186,9 @@ def test_importing_our_tau2_code_never_imports_litellm():
     ({"solo": True}, "has no solo mode"),
     ({"eval_split": "nope"}, "unknown split 'nope'"),
     ({"colour": 1}, "unknown colour"),
+    ({"eval_tasks": [2, "nope"]}, r"eval_tasks: no task nope in the test split \(20 tasks\)"),
+    ({"eval_tasks": "2"}, "a non-empty list of task ids"),
+    ({"eval_tasks": [2, "2"]}, "listed twice"),
     ({"user": {"kind": "psychic"}}, "user.kind: unknown user_simulator 'psychic'"),
     ({"user": {"kind": "local", "modle": "x"}}, "unexpected keyword argument 'modle'"),
 ])
@@ -203,6 +206,10 @@ def test_an_evaluation_only_domain_scores_the_training_tasks_and_cannot_be_train
                         seed=0)
     trained = build_domain(DomainSpec(name="b", type="tau2_airline", args={"user": {"kind": "scripted"}}), seed=0)
     assert seen.train == [] and [t["id"] for t in seen.eval] == [t["id"] for t in trained.train]
+    chosen = build_domain(DomainSpec(name="c", type="tau2_airline", eval_size=2,
+                                     args={"train_split": "none", "eval_split": "train", "eval_tasks": [9, "3", 0]}),
+                          seed=0)
+    assert [t["id"] for t in chosen.eval] == ["9", "3"]  # in the listed order, then eval_size
     raw = {"output_dir": str(tmp_path), "domains": [{"name": "seen", "type": "tau2_airline",
                                                       "args": {"train_split": "none", "eval_split": "train"}}],
            "stages": [{"kind": "grpo", "domains": ["seen"], "steps": 1}]}

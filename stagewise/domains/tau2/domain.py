@@ -9,6 +9,9 @@ args (all optional):
     train_split   tau2 split trained on (default "train"; telecom also "extra": 2171 more tasks;
                   "none": an evaluation-only domain, e.g. eval_split "train" to score the training tasks)
     eval_split    split of the accuracy matrix (default "test")
+    eval_tasks    the ids of eval_split's tasks to score, in this order (default: all of them; then
+                  eval_size), e.g. the training tasks that have demonstrations: a task whose episode
+                  cannot fit the model's context is no measure of what the training taught
     solo          telecom only: no user, the agent gets the device tools and a ticket (default true)
     user          the simulated customer (airline, retail, telecom with solo false):
                   {kind: local, model: <path or bundled:...>, max_new_tokens, temperature}
@@ -29,7 +32,7 @@ from stagewise.config import DomainSpec
 from stagewise.domains.base import Domain
 from stagewise.errors import ConfigError
 
-ARGS = {"train_split", "eval_split", "solo", "user", "on_error"}
+ARGS = {"train_split", "eval_split", "eval_tasks", "solo", "user", "on_error"}
 
 
 def _summary(task) -> str:
@@ -37,6 +40,20 @@ def _summary(task) -> str:
         return task.ticket
     instructions = getattr(task.user_scenario, "instructions", None)
     return getattr(instructions, "reason_for_call", None) or str(task.user_scenario)
+
+
+def chosen_tasks(tasks: list, ids, where: str, split: str) -> list:
+    """The tasks named by ``ids`` (tau2 task ids; numbers taken as their text), in that order."""
+    if not isinstance(ids, list) or not ids:
+        raise ConfigError(f"{where}: a non-empty list of task ids (got {ids!r})")
+    by_id = {t.id: t for t in tasks}
+    wanted = [str(i) for i in ids]
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise ConfigError(f"{where}: no task {', '.join(missing)} in the {split} split ({len(tasks)} tasks)")
+    if len(set(wanted)) < len(wanted):
+        raise ConfigError(f"{where}: a task id is listed twice")
+    return [by_id[i] for i in wanted]
 
 
 def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
@@ -57,6 +74,8 @@ def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
     train_split = spec.args.get("train_split", "train")
     train = [] if train_split == "none" else data.load_tasks(domain, train_split)
     held = data.load_tasks(domain, spec.args.get("eval_split", "test"))
+    if spec.args.get("eval_tasks") is not None:
+        held = chosen_tasks(held, spec.args["eval_tasks"], f"{where}.eval_tasks", spec.args.get("eval_split", "test"))
     overlap = {t.id for t in train} & {t.id for t in held}
     if overlap:
         raise ConfigError(f"{where}: the train and eval splits share {len(overlap)} tasks")
