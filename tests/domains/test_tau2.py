@@ -189,6 +189,8 @@ def test_importing_our_tau2_code_never_imports_litellm():
     ({"eval_tasks": [2, "nope"]}, r"eval_tasks: no task nope in the test split \(20 tasks\)"),
     ({"eval_tasks": "2"}, "a non-empty list of task ids"),
     ({"eval_tasks": [2, "2"]}, "listed twice"),
+    ({"train_tasks": [2]}, r"train_tasks: no task 2 in the train split \(30 tasks\)"),
+    ({"train_split": "none", "train_tasks": [0]}, "train_split is none"),
     ({"user": {"kind": "psychic"}}, "user.kind: unknown user_simulator 'psychic'"),
     ({"user": {"kind": "local", "modle": "x"}}, "unexpected keyword argument 'modle'"),
 ])
@@ -210,6 +212,8 @@ def test_an_evaluation_only_domain_scores_the_training_tasks_and_cannot_be_train
                                      args={"train_split": "none", "eval_split": "train", "eval_tasks": [9, "3", 0]}),
                           seed=0)
     assert [t["id"] for t in chosen.eval] == ["9", "3"]  # in the listed order, then eval_size
+    some = build_domain(DomainSpec(name="d", type="tau2_airline", args={"train_tasks": [3, 0]}), seed=0)
+    assert [t["id"] for t in some.train] == ["3", "0"] and some.eval == trained.eval
     raw = {"output_dir": str(tmp_path), "domains": [{"name": "seen", "type": "tau2_airline",
                                                       "args": {"train_split": "none", "eval_split": "train"}}],
            "stages": [{"kind": "grpo", "domains": ["seen"], "steps": 1}]}

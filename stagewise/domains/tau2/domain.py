@@ -9,6 +9,9 @@ args (all optional):
     train_split   tau2 split trained on (default "train"; telecom also "extra": 2171 more tasks;
                   "none": an evaluation-only domain, e.g. eval_split "train" to score the training tasks)
     eval_split    split of the accuracy matrix (default "test")
+    train_tasks   the ids of train_split's tasks to train on (default: all of them; then train_size),
+                  e.g. those whose episodes fit the model's context (a rollout of one that cannot
+                  fit never passes)
     eval_tasks    the ids of eval_split's tasks to score, in this order (default: all of them; then
                   eval_size), e.g. the training tasks that have demonstrations: a task whose episode
                   cannot fit the model's context is no measure of what the training taught
@@ -32,7 +35,7 @@ from stagewise.config import DomainSpec
 from stagewise.domains.base import Domain
 from stagewise.errors import ConfigError
 
-ARGS = {"train_split", "eval_split", "eval_tasks", "solo", "user", "on_error"}
+ARGS = {"train_split", "eval_split", "train_tasks", "eval_tasks", "solo", "user", "on_error"}
 
 
 def _summary(task) -> str:
@@ -74,6 +77,10 @@ def build(domain: str, spec: DomainSpec, seed: int) -> Domain:
     train_split = spec.args.get("train_split", "train")
     train = [] if train_split == "none" else data.load_tasks(domain, train_split)
     held = data.load_tasks(domain, spec.args.get("eval_split", "test"))
+    if spec.args.get("train_tasks") is not None:
+        if train_split == "none":
+            raise ConfigError(f"{where}.train_tasks: train_split is none (an evaluation-only domain)")
+        train = chosen_tasks(train, spec.args["train_tasks"], f"{where}.train_tasks", train_split)
     if spec.args.get("eval_tasks") is not None:
         held = chosen_tasks(held, spec.args["eval_tasks"], f"{where}.eval_tasks", spec.args.get("eval_split", "test"))
     overlap = {t.id for t in train} & {t.id for t in held}
