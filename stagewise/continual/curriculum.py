@@ -139,9 +139,9 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
             set_policy_weights(prev_path)
             grpo_cfg = cfg.stage_part(i, "grpo")
             ref_path = None if grpo_cfg.beta == 0 else (base_path if grpo_cfg.reference == "base" else prev_path)
-            replay = [by_name[d] for s in cfg.stages[:i] for d in s.domains if d not in stage.domains]
+            replay, left_out = preflight.replay_pool(cfg, i, by_name) if stage.replay else ([], {})
             job = StageJob(cfg=cfg, index=i, tokenizer=tok, domains=[by_name[d] for d in stage.domains],
-                           replay_domains=list(dict.fromkeys(replay)), init_path=prev_path, ref_path=ref_path,
+                           replay_domains=replay, init_path=prev_path, ref_path=ref_path,
                            out_dir=sdir, run_dir=out, tracker=tracker,
                            resume=resume and agreed_checkpoint(sdir, quiet=True) is not None,
                            stop_after=None if stop_after is None else stop_after - offset,
@@ -149,7 +149,9 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
             t0 = time.time()
             length = f"{cfg.stage_steps(i)} steps" if cfg.stage_steps(i) else f"{stage.epochs:g} epochs"
             print0(f"[stagewise] stage {i + 1}/{len(cfg.stages)}: {stage.kind} on {', '.join(stage.domains)} for "
-                   f"{length}" + (f", replay {stage.replay:.0%}" if stage.replay else ""))
+                   f"{length}" + (f", replay {stage.replay:.0%} of {', '.join(d.name for d in replay)}"
+                                  if replay else "")
+                   + "".join(f" ({n} not replayed: it {why})" for n, why in left_out.items()))
             result = lookup("stage", stage.kind).train(job)
             if result.stopped:
                 stopped = True

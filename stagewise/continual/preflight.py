@@ -98,20 +98,46 @@ def build_domains(cfg: RunConfig) -> list[Domain]:
     by_name = {d.name: d for d in domains}
     for i, stage in enumerate(cfg.stages):
         for name in stage.domains:
-            dom = by_name[name]
-            if stage.kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
-                raise ConfigError(f"stages.{i}: domain {name!r} is an environment; an sft stage needs reference "
-                                  f"conversations (tasks with 'messages'), so train it with a grpo stage")
-        for name in stage.domains:
-            if not by_name[name].train:
-                raise ConfigError(f"stages.{i}: domain {name!r} has no training tasks (an evaluation-only domain); "
-                                  f"train on another")
+            why = cannot_train(stage.kind, by_name[name])
+            if why is not None:
+                raise ConfigError(f"stages.{i}: domain {name!r} {why}")
         kind = lookup("stage", stage.kind)
-        if kind.needs_reward:
-            for name in stage.domains:
-                if not by_name[name].rewards:
-                    raise ConfigError(f"stages.{i}: domain {name!r} defines no reward, and a {stage.kind} stage learns "
-                                      f"from one (set domains[].rewards or args.reward)")
         if kind.check_domains is not None:
             kind.check_domains(cfg, i, by_name)
+        if stage.replay:
+            pool, left_out = replay_pool(cfg, i, by_name)
+            if not pool:
+                earlier = "; ".join(f"{n} {why}" for n, why in left_out.items()) or "stage 1 has no earlier stage"
+                raise ConfigError(f"stages.{i}.replay={stage.replay:g}: no earlier stage's domain can be replayed "
+                                  f"in a {stage.kind} stage ({earlier})")
     return domains
+
+
+def cannot_train(kind: str, dom: Domain) -> str | None:
+    """Why a stage of ``kind`` cannot train on ``dom``'s training tasks, as the end of a sentence
+    naming the domain; None when it can."""
+    if not dom.train:
+        return "has no training tasks (an evaluation-only domain); train on another"
+    if kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
+        return ("is an environment; an sft stage needs reference conversations (tasks with 'messages'), "
+                "so train it with a grpo stage")
+    if lookup("stage", kind).needs_reward and not dom.rewards:
+        return f"defines no reward, and a {kind} stage learns from one (set domains[].rewards or args.reward)"
+    return None
+
+
+def replay_pool(cfg: RunConfig, i: int, by_name: dict[str, Domain]) -> tuple[list[Domain], dict[str, str]]:
+    """Stage i's replay domains: the earlier stages' domains (first stage first) that are not its
+    own and that a stage of its kind can train on; and those left out, with why. A curriculum that
+    mixes kinds (an sft warm-up on demonstrations, then grpo on the environment) replays into a grpo
+    stage the environments, not the demonstrations (no reward), and into an sft stage the reverse."""
+    stage = cfg.stages[i]
+    earlier = dict.fromkeys(d for s in cfg.stages[:i] for d in s.domains if d not in stage.domains)
+    pool, left_out = [], {}
+    for name in earlier:
+        why = cannot_train(stage.kind, by_name[name])
+        if why is None:
+            pool.append(by_name[name])
+        else:
+            left_out[name] = why.split(";")[0].split(", and")[0]
+    return pool, left_out

@@ -48,3 +48,48 @@ def test_the_default_config_passes(tmp_path):
     cfg = load_config(raw=BASE)
     check_config(cfg, world=4)
     assert [d.name for d in build_domains(cfg)] == ["add", "max"]
+
+
+def mixed_curriculum(tmp_path, replay: float) -> dict:
+    """sft on demonstrations (no reward), grpo on a tool environment (calculator: no conversations),
+    then the same kinds again with replay: what each later stage may replay depends on its kind."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(f'{{"messages": [{{"role": "user", "content": "{a}+2?"}}, '
+                             f'{{"role": "assistant", "content": "{a + 2}"}}]}}\n' for a in range(4)))
+    chat = {"type": "chat", "eval_size": 1, "args": {"path": str(demos)}}
+    return {**BASE,
+            "domains": [{"name": "calc", "type": "calculator"}, {"name": "max"}, {"name": "add_demos", **chat},
+                        {"name": "max_demos", **chat}],
+            "stages": [{"kind": "sft", "domains": ["add_demos"], "steps": 1},
+                       {"kind": "grpo", "domains": ["calc"], "steps": 1},
+                       {"kind": "sft", "domains": ["max_demos"], "steps": 1, "replay": replay},
+                       {"kind": "grpo", "domains": ["max"], "steps": 1, "replay": replay}]}
+
+
+def test_replay_takes_the_earlier_domains_a_stage_of_its_kind_can_train_on(tmp_path):
+    from stagewise.continual.preflight import replay_pool
+
+    cfg = load_config(raw=mixed_curriculum(tmp_path, 0.25))
+    by_name = {d.name: d for d in build_domains(cfg)}
+    # an sft stage cannot learn an environment without conversations, nor a grpo stage demonstrations
+    # without a reward: before, both were handed every earlier domain (the rollout of a chat record, an
+    # sft "conversation" made of a task that has none)
+    pool, left_out = replay_pool(cfg, 2, by_name)
+    assert [d.name for d in pool] == ["add_demos"] and list(left_out) == ["calc"]
+    pool, left_out = replay_pool(cfg, 3, by_name)
+    assert [d.name for d in pool] == ["calc"] and left_out == {"add_demos": "defines no reward",
+                                                               "max_demos": "defines no reward"}
+
+
+@pytest.mark.parametrize("stages, fragment", [
+    ([{"kind": "sft", "domains": ["add_demos"], "steps": 1},
+      {"kind": "grpo", "domains": ["calc"], "steps": 1, "replay": 0.25}],
+     "stages.1.replay=0.25: no earlier stage's domain can be replayed in a grpo stage (add_demos defines no reward)"),
+    ([{"kind": "grpo", "domains": ["calc"], "steps": 1, "replay": 0.25}],
+     "stages.0.replay=0.25: no earlier stage's domain can be replayed in a grpo stage (stage 1 has no earlier stage)"),
+])
+def test_replay_with_nothing_to_replay_is_refused(tmp_path, stages, fragment):
+    cfg = load_config(raw={**mixed_curriculum(tmp_path, 0.0), "stages": stages})
+    with pytest.raises(ConfigError) as e:
+        build_domains(cfg)
+    assert fragment in str(e.value)
