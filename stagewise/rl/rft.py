@@ -112,7 +112,8 @@ def train_rft_stage(job: StageJob) -> StageResult:
         # 4. metrics (one collective), then the scaffold logs, stops or checkpoints
         all_rewards = gather_rows(batch.rewards.to(run.device)).cpu()
         total, gathered = reduce_step_stats(run.device, sums={"loss": loss_sum, "kept_reward": (batch.rewards.to(
-            run.device) * keep.to(run.device)).sum()}, rows=rewards.part_rows(batch))
+            run.device) * keep.to(run.device)).sum()}, rows=rewards.part_rows(
+            batch, [dom.name for dom, _ in mine for _ in range(group_size)]))
         step_time = run.elapsed()
         lengths = batch.completion_mask.sum().item()
         metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),

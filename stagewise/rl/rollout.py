@@ -166,10 +166,14 @@ SCAFFOLD_METRICS = ("stage", "stage_step", "grad_norm", "lr", "skipped_steps", "
 class StageRewards:
     """What a sampling stage gives its reward functions (TRL's ``trainer_state`` and ``log_metric``)
     and the reward metrics it logs per step: ``reward/<part>`` (mean and std over the rows whose
-    domain has the part, every process) and what the functions logged with ``log_metric``."""
+    domain has the part, every process), ``domain_reward/<domain>`` where the stage samples more than
+    one domain (replay: the stage's own reward apart from the replayed ones'), and what the functions
+    logged with ``log_metric``."""
 
     def __init__(self, domains: list[Domain], total_steps: int, *, rank: int, local_rank: int):
         self.parts = sorted({n for d in domains for n, _ in d.rewards} | {p for d in domains for p in d.reward_parts})
+        names = list(dict.fromkeys(d.name for d in domains))
+        self.domain_names = names if len(names) > 1 else []
         self.log = MetricLog()
         self.state = trainer_state(total_steps, is_main=rank == 0, is_local_main=local_rank == 0)
         self.context = RewardContext(trainer_state=self.state, log_metric=self.log)
@@ -180,10 +184,15 @@ class StageRewards:
         self.state.global_step = step
         return self.context
 
-    def part_rows(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """Per-row values for ``reduce_step_stats`` (NaN where a row's domain has no such part)."""
+    def part_rows(self, batch: RolloutBatch, row_domains: list[str]) -> dict[str, torch.Tensor]:
+        """Per-row values for ``reduce_step_stats`` (NaN where a row's domain has no such part, or is
+        another domain). row_domains: each row's domain name."""
         nan = torch.full((len(batch),), float("nan"))
-        return {f"reward/{p}": batch.reward_parts.get(p, nan) for p in self.parts}
+        rows = {f"reward/{p}": batch.reward_parts.get(p, nan) for p in self.parts}
+        for name in self.domain_names:
+            mine = torch.tensor([d == name for d in row_domains])
+            rows[f"domain_reward/{name}"] = torch.where(mine, batch.rewards.float().cpu(), nan)
+        return rows
 
     def metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's ``reward/<part>`` metrics from the gathered part rows (popped from ``gathered``)."""
@@ -194,6 +203,11 @@ class StageRewards:
             if ok.any():
                 out[f"reward/{p}"] = values[ok].mean().item()
                 out[f"reward/{p}_std"] = values[ok].std().item() if ok.sum() > 1 else 0.0
+        for name in self.domain_names:
+            values = gathered.pop(f"domain_reward/{name}")
+            ok = ~torch.isnan(values)
+            if ok.any():
+                out[f"domain_reward/{name}"] = values[ok].mean().item()
         return out
 
     def with_logged(self, metrics: dict) -> dict:

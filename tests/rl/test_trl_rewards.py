@@ -85,6 +85,12 @@ def test_trl_reward_functions_train_a_grpo_stage(tmp_path, tiny_model_dir):
     boxed = [r for r in rollouts if r["domain"] == "boxed"]
     assert boxed and all(r["extra"]["golden_answer"] == r["prompt"][len("Write \\boxed{"):-2] for r in boxed)
     assert all("extra" not in r for r in rollouts if r["domain"] == "chat")
+    # a stage that samples two domains logs each one's mean reward (with replay: the stage's own domain
+    # apart from the replayed ones), from the same rows as rollouts.jsonl
+    for r in steps:
+        for dom in ("boxed", "chat"):
+            rewards = [x["reward"] for x in rollouts if x["domain"] == dom and x["step"] == r["stage_step"]]
+            assert rewards and r[f"domain_reward/{dom}"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
 
 
 def test_trl_reward_functions_train_an_rft_stage(tmp_path, tiny_model_dir):
@@ -100,6 +106,7 @@ def test_trl_reward_functions_train_an_rft_stage(tmp_path, tiny_model_dir):
     (row,) = [r for r in read_rows(out / "metrics.jsonl") if "keep_rate" in r]
     assert row["reward/chars"] == pytest.approx(row["reward"])  # the only reward, weight 1
     assert row["reward/chars"] > 0
+    assert not any(k.startswith("domain_reward/") for k in row)  # one domain: its reward is `reward`
 
 
 def test_a_failing_function_stops_the_run_with_one_line_naming_it(tmp_path, tiny_model_dir):
