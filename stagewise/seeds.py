@@ -1,6 +1,6 @@
 """Every seed and seeded RNG of a run, derived here and nowhere else.
 
-    rng = prompt_rng(cfg.seed, stage=0, step=3)            # which prompts step 3 of stage 1 trains on
+    rng = prompt_rng(cfg.seed, stage=0, step=3)            # the order of step 3's prompts in stage 1
     seeds = completion_seeds(cfg.seed, 0, 3, first_row=16, count=16)
 
 Determinism is how stagewise tests itself: the prompts of a step are a pure function of
@@ -20,8 +20,13 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 
 def prompt_rng(seed: int, stage: int, step: int) -> random.Random:
-    """The order of prompts of GRPO step ``step`` of stage ``stage`` (0-based), on every process."""
+    """The order of the prompts of GRPO / RFT step ``step`` of stage ``stage`` (0-based), on every process."""
     return random.Random(f"{seed}:{stage}:{step}")
+
+
+def task_order_rng(seed: int, stage: int, domain: str, epoch: int) -> random.Random:
+    """The order in which stage ``stage`` draws domain ``domain``'s training tasks in its epoch ``epoch``."""
+    return random.Random(f"{seed}:{stage}:{domain}:tasks{epoch}")
 
 
 def completion_seeds(seed: int, stage: int, step: int, first_row: int, count: int) -> list[int]:

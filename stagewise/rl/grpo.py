@@ -38,7 +38,7 @@ from stagewise.rl.episodes import EpisodeLimits
 from stagewise.rl.logprobs import PolicyLogprobs
 from stagewise.rl.losses import engine_mismatch, masked_sum, per_token_loss
 from stagewise.rl.rollout import EPISODE_STATS, RolloutBatch, StageRewards, check_sampling_stage, generate_rollouts
-from stagewise.seeds import completion_seeds, prompt_rng
+from stagewise.seeds import completion_seeds, prompt_rng, task_order_rng
 from stagewise.tracking import is_main
 from stagewise.training.run import StageRun
 from stagewise.training.stage import StageJob, StageResult
@@ -144,15 +144,35 @@ def train_grpo_stage(job: StageJob) -> StageResult:
 
 def pick_examples(job: StageJob, step: int, n: int, replay: float) -> list[tuple[Domain, dict]]:
     """The step's global prompt list: a pure function of (seed, stage, step), so the data position
-    is the step counter and every process agrees without communicating."""
-    rng = prompt_rng(job.cfg.seed, job.index, step)
+    is the step counter and every process agrees without communicating.
+
+    ``round(n * replay)`` of the n draws come from the earlier stages' domains (``replay_domains``),
+    the rest from the stage's own. Within each pool the draws go round the domains in turn (equal
+    shares), and each domain deals its training tasks in a shuffled order, every task once before
+    any is drawn again (an epoch; reshuffled each epoch), as a sampler over a dataset does: no task
+    is drawn twice in one step while others wait, and a stage of E epochs of a domain's tasks shows
+    each task E times.
+    """
     n_replay = round(n * replay) if job.replay_domains else 0
-    out = []
-    for i in range(n):
-        pool = job.replay_domains if i < n_replay else job.domains
-        dom = pool[rng.randrange(len(pool))]
-        out.append((dom, dom.train[rng.randrange(len(dom.train))]))
-    rng.shuffle(out)
+    seed, stage = job.cfg.seed, job.index
+    out = (_deal(job.replay_domains, step * n_replay, n_replay, seed, stage)
+           + _deal(job.domains, step * (n - n_replay), n - n_replay, seed, stage))
+    prompt_rng(seed, stage, step).shuffle(out)
+    return out
+
+
+def _deal(pool: list[Domain], first: int, count: int, seed: int, stage: int) -> list[tuple[Domain, dict]]:
+    """Draws first .. first + count - 1 of a pool of domains: draw j is domain j % len(pool)'s
+    (j // len(pool))-th task in its epoch-by-epoch shuffled order."""
+    out, orders = [], {}
+    for j in range(first, first + count):
+        dom = pool[j % len(pool)]
+        k, size = j // len(pool), len(dom.train)
+        key = (dom.name, k // size)
+        if key not in orders:
+            orders[key] = list(range(size))
+            task_order_rng(seed, stage, dom.name, k // size).shuffle(orders[key])
+        out.append((dom, dom.train[orders[key][k % size]]))
     return out
 
 

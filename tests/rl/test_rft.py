@@ -97,11 +97,15 @@ def test_rft_raises_held_out_accuracy_of_a_tiny_model(tmp_path, tiny_model_dir):
     """Reward: the share of 7s in the completion; accuracy: held-out answers that are all 7s (greedy).
     Learning each group's best sample makes 7 the model's most likely character."""
     out = tmp_path / "rft"
-    rows = run_curriculum(load_config(raw=rft_raw(tiny_model_dir, out, steps=30)))["matrix"]
+    raw = rft_raw(tiny_model_dir, out, steps=30)
+    # 16 samples a group: with 8, whether a '7' is sampled early enough to be learnt was luck (seed 0
+    # learnt nothing once the tasks' order changed; with 16 seeds 0-5 all reach accuracy 1.0)
+    raw["rollout"]["num_generations"] = 16
+    rows = run_curriculum(load_config(raw=raw))["matrix"]
     before, after = rows[0][0], rows[1][0]
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if "keep_rate" in r]
-    assert len(rounds) == 30 and all(r["keep_rate"] <= 4 / 32 for r in rounds)  # at most one per group
+    assert len(rounds) == 30 and all(r["keep_rate"] <= 4 / 64 for r in rounds)  # at most one per group
     assert all(r["loss"] == 0 and r["kept_tokens"] == 0 for r in rounds if r["kept"] == 0)  # no step
     assert rounds[-1]["reward"] > rounds[0]["reward"] + 0.2, [r["reward"] for r in rounds]
     assert after >= before + 0.5, (before, after)
