@@ -6,7 +6,9 @@ what the ``jsonl`` and ``chat`` domains and SFT data read.
 
 Record formats (one per file, detected per row):
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
-                                                                     every assistant turn is learnt
+                                                                     every assistant turn is learnt, but
+                                                                     one with "weight": 0 (OpenAI's
+                                                                     fine-tuning format): context
     the same with "tools" (schemas) and "context_turns": an episode record (``stagewise demos``),
                                                                      the turns after the first context_turns
     {"prompt": str | messages, "completion": str}                    (also "answer" instead of "completion")
@@ -122,6 +124,8 @@ def to_conversation(rec: dict, where: str, fmt: RecordFormat) -> list[dict]:
         raise DataError(f"{where}: the conversation must end with an assistant turn (ends with {conv[-1]['role']})")
     if not any(m["content"].strip() for m in conv if m["role"] == "assistant"):
         raise DataError(f"{where}: every assistant turn is empty: nothing to learn")
+    if not any(m["content"].strip() for m in conv if m["role"] == "assistant" and m.get("weight", 1)):
+        raise DataError(f"{where}: every assistant turn has weight 0: nothing to learn")
     return conv
 
 
@@ -136,7 +140,13 @@ def _messages(msgs, where: str, key: str) -> list[dict]:
             raise DataError(f"{where}: {key}[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}")
         if m["role"] == "system" and j > 0:
             raise DataError(f"{where}: {key}[{j}]: a system message may only come first")
-        out.append({"role": m["role"], "content": m["content"]})
+        weight = m.get("weight", 1)
+        if m["role"] != "assistant" and "weight" in m:
+            raise DataError(f"{where}: {key}[{j}].weight: only an assistant message has a weight (it says whether "
+                            f"the turn is learnt); a {m['role']} message is always context")
+        if type(weight) is not int or weight not in (0, 1):
+            raise DataError(f"{where}: {key}[{j}].weight must be 0 (context) or 1 (learnt), got {weight!r}")
+        out.append({"role": m["role"], "content": m["content"], **({"weight": 0} if weight == 0 else {})})
     return out
 
 

@@ -59,12 +59,12 @@ def turn_end_id(tokenizer) -> int:
 
 def assistant_spans(tokenizer, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that are learnt: each assistant turn's
-    content and the end-of-turn token right after it."""
+    content and the end-of-turn token right after it (not a turn with ``weight: 0``: context)."""
     text = render(tokenizer, conv, add_generation_prompt=False)
     eos = tokenizer.eos_token or ""
     spans = []
     for k, m in enumerate(conv):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         before = render(tokenizer, conv[:k], add_generation_prompt=True) if k else ""
         upto = render(tokenizer, conv[:k + 1], add_generation_prompt=False)

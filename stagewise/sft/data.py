@@ -11,9 +11,10 @@ customer's reply) as the template's continuation, so SFT trains on exactly the t
 the same conversation holds; only the policy's turns are learnt.
 
 Only assistant tokens (each assistant turn's text and the end-of-turn token that follows it) are
-learnt; system, user and template tokens are context. Where the chat template renders a turn
-differently once later turns follow (not prefix-preserving), the conversation is refused with a
-clear error rather than trained on misaligned masks.
+learnt (but a turn with ``"weight": 0``, as in OpenAI's fine-tuning format: e.g. a wrong tool call
+that a demonstration shows being corrected); system, user and template tokens are context. Where
+the chat template renders a turn differently once later turns follow (not prefix-preserving), the
+conversation is refused with a clear error rather than trained on misaligned masks.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def tokenize_episode(tokenizer, messages: list[dict], tools: list[dict],
                             f"(assistant) comes (context_turns={context_turns})")
         own = tokenizer(turn["content"], add_special_tokens=False)["input_ids"] + [stop_id]
         ids += own
-        train += [True] * len(own)
+        train += [turn.get("weight", 1) != 0] * len(own)  # weight 0: a turn shown, not taught (a wrong call)
         j = k + 1
         while j < len(messages) and messages[j]["role"] != "assistant":
             j += 1

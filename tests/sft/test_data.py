@@ -37,6 +37,32 @@ def test_only_assistant_turns_are_learnt(chat_tok):
         assert part in context
 
 
+def test_an_assistant_turn_with_weight_0_is_context(chat_tok):
+    """OpenAI's fine-tuning format: ``"weight": 0`` shows a turn without teaching it, e.g. a wrong tool
+    call that the demonstration then corrects (the model learns the correction, not the mistake)."""
+    from stagewise.sft.data import tokenize_example
+
+    rec = {"messages": [{"role": "user", "content": "Order 12?"},
+                        {"role": "assistant", "content": "CALL get_order(user=7)", "weight": 0},
+                        {"role": "tool", "content": "error: unexpected argument user"},
+                        {"role": "assistant", "content": "CALL get_order(id=12)"},
+                        {"role": "tool", "content": "shipped"},
+                        {"role": "assistant", "content": "It has shipped."}]}
+    conv = to_conversation(rec, "d:1", RecordFormat())
+    assert conv[1] == {"role": "assistant", "content": "CALL get_order(user=7)", "weight": 0}
+    ids, train = tokenize_conversation(chat_tok, conv, max_len=512)
+    assert learnt_text(chat_tok, ids, train) == "CALL get_order(id=12)It has shipped."
+    assert "CALL get_order(user=7)" in chat_tok.decode(ids)  # still in the context the later turns see
+    # an episode record (``stagewise demos``: token-in / token-out, as a rollout built it) likewise
+    episode = {"messages": conv, "tools": [], "context_turns": 1}
+    ids, train = tokenize_example(chat_tok, episode, max_len=512)
+    assert learnt_text(chat_tok, ids, train) == "CALL get_order(id=12)It has shipped."
+    # weight 1 is the default: written out, it changes nothing
+    ones = [{**m, "weight": 1} if m["role"] == "assistant" else m for m in rec["messages"]]
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in rec["messages"]]
+    assert to_conversation({"messages": ones}, "d:2", RecordFormat()) == plain
+
+
 def test_assistant_mask_with_the_bundled_models_real_template():
     """SmolLM2's ChatML template and BPE tokenizer (merges across the turn boundary are the risk)."""
     pytest.importorskip("gguf")
@@ -74,6 +100,14 @@ def test_record_formats_give_the_same_conversation():
     ({"messages": []}, RecordFormat(), "'messages' must be a non-empty list"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                    {"role": "assistant", "content": "a"}]}, RecordFormat(), "a system message may only come first"),
+    ({"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]},
+     RecordFormat(), "messages[0].weight: only an assistant message has a weight"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     RecordFormat(), "messages[1].weight must be 0 (context) or 1 (learnt), got 0.5"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": "0"}]},
+     RecordFormat(), "messages[1].weight must be 0 (context) or 1 (learnt), got '0'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     RecordFormat(), "every assistant turn has weight 0: nothing to learn"),
     ({"prompt": "q", "completion": ""}, RecordFormat(), "'completion' is empty"),
     ({"prompt": "q", "completion": ["a"]}, RecordFormat(), "'completion' must be a string"),
     ({"text": "q"}, RecordFormat(), "expected 'messages', or 'prompt' with 'completion'"),
