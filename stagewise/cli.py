@@ -78,7 +78,7 @@ def _demos(args) -> int:
     domain = build_domain(spec, cfg.seed, on_error=cfg.data.on_error, where=f"domains.{i}")
     stats = write_demos(cfg, [domain], domain=args.domain, split=args.split, agent=args.agent, out=Path(args.out),
                         model=args.model, url=args.url, trials=args.trials, temperature=args.temperature,
-                        min_reward=args.min_reward, limit=args.limit)
+                        min_reward=args.min_reward, limit=args.limit, corrections=args.corrections)
     print(f"[stagewise] demos: kept {stats.kept} of {stats.episodes} episodes (mean reward {stats.mean_reward:.3f}) "
           f"-> {args.out} in {stats.seconds:.0f} s")
     if stats.token_mismatches:
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--min-reward", type=float, default=None,
                     help="keep episodes whose reward reaches this (default: those whose metric passes)")
     de.add_argument("--limit", type=_at_least(1), default=None, help="the first N tasks of the split")
+    de.add_argument("--corrections", action="store_true",
+                    help="oracle: also play each task with one wrong call (a tool error) before the right one; "
+                         "the wrong turn is written with weight 0 (shown, not learnt)")
     de.add_argument("--out", required=True, help="the JSONL file to write")
     de.add_argument("overrides", nargs="*", help="dotted overrides of the config")
     de.set_defaults(fn=_demos)

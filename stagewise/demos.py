@@ -18,7 +18,10 @@ the writer checks that for every record and reports any that differ.
 
 Agents:
     oracle     the domain's scripted solution (tau2: the task's expected actions as tool calls;
-               single-turn domains: the reference answer)
+               single-turn domains: the reference answer). With ``--corrections`` each task is also
+               played with one wrong call before a right one (``with_mistake``): the tool's error,
+               then the correction, the wrong turn written with ``"weight": 0`` (context, not
+               learnt). The oracle never errs, so without them nothing shows recovering from an error.
     model      a local model (``--model PATH``: a directory, hub id in the cache, .gguf or
                ``bundled:...``; default the config's model), greedy or sampled (``--trials``)
     endpoint   an OpenAI-compatible completions server (``--url``, ``--model`` its model name) that
@@ -42,6 +45,7 @@ import torch
 
 from stagewise.config import RunConfig
 from stagewise.domains.base import Domain
+from stagewise.envs.tools import parse_tool_calls
 from stagewise.errors import ConfigError, TrainingError
 from stagewise.generation.chat_template import turn_end_id
 from stagewise.generation.engines import Generation, SamplingParams
@@ -123,12 +127,44 @@ class DemoStats:
     seconds: float
 
 
-def episode_record(e: Episode, agent: str) -> dict:
-    """A finished episode as a chat SFT record (see the module docstring)."""
+def episode_record(e: Episode, agent: str, unlearnt: int | None = None) -> dict:
+    """A finished episode as a chat SFT record (see the module docstring); ``unlearnt``: the index
+    of a policy turn written with weight 0 (a wrong call, shown, not taught)."""
     # up to the policy's last turn: what came after it (the done tool's result) is not trained on
     last = max(i for i, m in enumerate(e.messages) if m["role"] == "assistant")
-    return {"messages": e.messages[:last + 1], "tools": e.schemas, "context_turns": len(e.opening),
+    messages = [dict(m) for m in e.messages[:last + 1]]
+    if unlearnt is not None:
+        turns = [m for m in messages[len(e.opening):] if m["role"] == "assistant"]
+        turns[unlearnt]["weight"] = 0
+    return {"messages": messages, "tools": e.schemas, "context_turns": len(e.opening),
             "domain": e.domain.name, "task_id": e.task.get("id"), "reward": e.reward, "parts": e.parts, "agent": agent}
+
+
+def with_mistake(turns: list[str]) -> tuple[list[str], int] | None:
+    """The oracle's turns with one wrong call before a right one, and the wrong turn's index; None
+    when no call can be made wrong this way. The mistake is the one the warm-up's agent made most
+    (README): a string argument given the value another argument had in an earlier call (the user id
+    where a reservation id goes). The right call follows it unchanged."""
+    seen: list[tuple[str, str]] = []  # (argument, value) of the earlier calls' string arguments
+    for k, text in enumerate(turns):
+        calls, error = parse_tool_calls(text)
+        if error or len(calls) != 1:
+            continue
+        name, args = calls[0]["name"], calls[0]["arguments"]
+        for key, value in args.items():
+            other = next((v for a, v in seen if a != key and v != value), None) if isinstance(value, str) else None
+            if other is not None:
+                wrong = f'<tool_call>{json.dumps({"name": name, "arguments": {**args, key: other}})}</tool_call>'
+                return turns[:k] + [wrong] + turns[k:], k
+        seen += [(a, v) for a, v in args.items() if isinstance(v, str)]
+    return None
+
+
+def corrected(e: Episode, wrong: int) -> bool:
+    """The episode shows a correction: the wrong turn's call came back as a tool error."""
+    turns = [i for i, m in enumerate(e.messages) if i >= len(e.opening) and m["role"] == "assistant"]
+    after = e.messages[turns[wrong] + 1] if turns[wrong] + 1 < len(e.messages) else None
+    return after is not None and after["role"] == "tool" and after["content"].lower().startswith("error")
 
 
 def kept(e: Episode, min_reward: float | None) -> bool:
@@ -148,9 +184,13 @@ def find_domain(domains: list[Domain], name: str) -> Domain:
 def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: str, agent: str, out: Path,
                 model: str | None = None, url: str | None = None, trials: int = 1, temperature: float = 1.0,
                 min_reward: float | None = None, limit: int | None = None, batch: int = 8,
-                log=print) -> DemoStats:
+                corrections: bool = False, log=print) -> DemoStats:
     """Play every task of ``domain``'s ``split`` with ``agent`` and write the passing episodes to
-    ``out`` (JSONL, replaced only once complete). -> counts."""
+    ``out`` (JSONL, replaced only once complete); ``corrections`` (oracle): each task also with one
+    wrong call and its correction. -> counts."""
+    if corrections and agent != "oracle":
+        raise ConfigError("--corrections: only the oracle agent plays a scripted mistake; drop it for --agent "
+                          f"{agent}")
     dom = find_domain(domains, domain)
     if min_reward is None and dom.metric is None:
         raise ConfigError(f"--domain {domain}: it has no accuracy metric; give --min-reward to say what is kept")
@@ -164,6 +204,7 @@ def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: st
     params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
                             greedy=greedy, stop_token_ids=(turn_end_id(tok),))
     t0, episodes, written, mismatches = time.time(), [], [], 0
+    unlearnt: dict[int, int] = {}  # id(episode) -> its wrong turn's index
 
     def play(generator, examples, group: int, offset: int) -> list[Episode]:
         seeds = None if greedy else completion_seeds(cfg.seed, 0, 0, offset, len(examples) * group)
@@ -176,7 +217,13 @@ def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: st
                 raise ConfigError(f"--agent oracle: domain {domain} has no scripted solution (tau2 domains and "
                                   f"domains with reference answers have one); use --agent model or endpoint")
             episodes += play(ScriptedAgent(tok, turns, context), [(dom, task)], 1, i)
-            _progress(log, len(episodes), len(tasks), t0)
+            mistake = with_mistake(turns) if corrections else None
+            if mistake is not None:
+                (e,) = play(ScriptedAgent(tok, mistake[0], context), [(dom, task)], 1, i)
+                if corrected(e, mistake[1]):  # a wrong call the tool accepted shows no correction
+                    unlearnt[id(e)] = mistake[1]
+                    episodes.append(e)
+            _progress(log, len(episodes), len(tasks) * (1 + corrections), t0)
     else:
         if agent == "endpoint":
             if not url:
@@ -198,8 +245,10 @@ def write_demos(cfg: RunConfig, domains: list[Domain], *, domain: str, split: st
     for e in episodes:
         if not kept(e, min_reward):
             continue
-        record = episode_record(e, agent)
-        ids, train = tokenize_episode(tok, record["messages"], record["tools"], record["context_turns"])
+        record = episode_record(e, agent, unlearnt.get(id(e)))
+        # the rendering check compares every policy turn, the unlearnt one too
+        ids, train = tokenize_episode(tok, [{k: v for k, v in m.items() if k != "weight"} for m in record["messages"]],
+                                      record["tools"], record["context_turns"])
         if ids != e.prompt + e.tokens or train != [False] * len(e.prompt) + [bool(m) for m in e.policy_mask]:
             mismatches += 1
         written.append(record)

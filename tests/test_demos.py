@@ -62,6 +62,63 @@ def test_tau2_oracle_demos_are_sft_records_that_learn_exactly_the_agents_turns(t
         assert not any(train[:len(tok(ex["messages"][0]["content"])["input_ids"])])
 
 
+def test_with_mistake_puts_an_earlier_value_in_the_wrong_place():
+    from stagewise.demos import with_mistake
+
+    call = lambda name, **a: f'<tool_call>{json.dumps({"name": name, "arguments": a})}</tool_call>'  # noqa: E731
+    turns = [call("get_user_details", user_id="mia_1"), call("get_reservation_details", reservation_id="ABC123"),
+             "Thank you, that is done."]
+    mistaken, k = with_mistake(turns)
+    assert k == 1 and mistaken == [turns[0], call("get_reservation_details", reservation_id="mia_1")] + turns[1:]
+    assert with_mistake([call("get_user_details", user_id="mia_1"), "Done."]) is None  # nothing seen before
+    assert with_mistake(["I cannot help with that."]) is None
+
+
+def test_tau2_oracle_corrections_show_a_wrong_call_its_error_and_the_right_call(tmp_path, capsys):
+    """--corrections: each task also played with one wrong call (weight 0) before the right one; the
+    episode still passes, and SFT learns every agent turn but the wrong one."""
+    pytest.importorskip("tau2")
+    cfg_path = tau2_config(tmp_path)
+    out = tmp_path / "airline.jsonl"
+    assert main(["demos", str(cfg_path), "--domain", "airline", "--limit", "3", "--corrections",
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "render to other tokens" not in said, said
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    fixed = [r for r in records if any(m.get("weight") == 0 for m in r["messages"])]
+    assert len(records) - len(fixed) == 3 and fixed, said  # the 3 clean episodes, and corrections
+    assert all(r["parts"]["pass"] == 1.0 for r in records)
+    for r in fixed:
+        msgs = r["messages"]
+        (w,) = [i for i, m in enumerate(msgs) if m.get("weight") == 0]
+        assert msgs[w + 1]["role"] == "tool" and msgs[w + 1]["content"].startswith("Error")
+        right = next(m for m in msgs[w + 1:] if m["role"] == "assistant")
+        wrong_call, right_call = (json.loads(m["content"][len("<tool_call>"):-len("</tool_call>")])
+                                  for m in (msgs[w], right))
+        assert wrong_call["name"] == right_call["name"]
+        assert sum(wrong_call["arguments"][a] != v for a, v in right_call["arguments"].items()) == 1
+
+    cfg = load_config(cfg_path)
+    demos = build_domain(cfg.domains[1], cfg.seed)
+    tok = load_tokenizer(resolve_model_path(BUNDLED))
+    end = turn_end_id(tok)
+    checked = 0
+    for ex in demos.train + demos.eval:
+        if not any(m.get("weight") == 0 for m in ex["messages"]):
+            continue
+        ids, train = tokenize_example(tok, ex, max_len=8192)
+        agent = [m["content"] for m in ex["messages"][ex["context_turns"]:]
+                 if m["role"] == "assistant" and m.get("weight", 1) == 1]
+        learnt = [i for i, t in zip(ids, train) if t]
+        assert learnt == [i for text in agent for i in tok(text, add_special_tokens=False)["input_ids"] + [end]]
+        checked += 1
+    assert checked == len(fixed)
+    capsys.readouterr()
+    assert main(["demos", str(cfg_path), "--domain", "airline", "--agent", "model", "--corrections",
+                 "--out", str(out)]) == 2
+    assert "error: --corrections: only the oracle agent plays a scripted mistake" in capsys.readouterr().err
+
+
 def test_a_single_turn_domains_oracle_writes_its_reference_answers(tmp_path, tiny_chat_dir):
     raw = {"model": {"name_or_path": str(tiny_chat_dir)}, "output_dir": str(tmp_path / "run"),
            "domains": [{"name": "add", "eval_size": 4, "train_size": 5}], "stages": [{"domains": ["add"], "steps": 1}]}
