@@ -161,10 +161,13 @@ def with_mistake(turns: list[str]) -> tuple[list[str], int] | None:
 
 
 def corrected(e: Episode, wrong: int) -> bool:
-    """The episode shows a correction: the wrong turn's call came back as a tool error."""
+    """The episode shows a correction: the wrong turn's call came back as a tool error, and a turn
+    followed (not an episode cut off by its limits before or right after the mistake)."""
     turns = [i for i, m in enumerate(e.messages) if i >= len(e.opening) and m["role"] == "assistant"]
-    after = e.messages[turns[wrong] + 1] if turns[wrong] + 1 < len(e.messages) else None
-    return after is not None and after["role"] == "tool" and after["content"].lower().startswith("error")
+    if wrong + 1 >= len(turns):
+        return False
+    after = e.messages[turns[wrong] + 1]
+    return after["role"] == "tool" and after["content"].lower().startswith("error")
 
 
 def kept(e: Episode, min_reward: float | None) -> bool:

@@ -74,6 +74,21 @@ def test_with_mistake_puts_an_earlier_value_in_the_wrong_place():
     assert with_mistake(["I cannot help with that."]) is None
 
 
+def test_a_correction_needs_the_tools_error_and_a_turn_after_it():
+    from stagewise.demos import corrected
+    from stagewise.rl.episodes import Episode
+
+    opening = [{"role": "system", "content": "tools"}, {"role": "user", "content": "hi"}]
+    turns = [{"role": "assistant", "content": "call A"}, {"role": "tool", "content": "{}"},
+             {"role": "assistant", "content": "call B(wrong)"}, {"role": "tool", "content": "Error: not found"},
+             {"role": "assistant", "content": "call B"}, {"role": "tool", "content": "{}"}]
+    episode = lambda msgs: Episode(None, {}, None, [], opening + msgs, opening=opening)  # noqa: E731
+    assert corrected(episode(turns), 1)
+    assert not corrected(episode(turns), 0)  # that call succeeded: nothing to correct
+    assert not corrected(episode(turns[:4]), 1)  # cut off after the error: no correction follows
+    assert not corrected(episode(turns[:2]), 1)  # cut off before the mistake
+
+
 def test_tau2_oracle_corrections_show_a_wrong_call_its_error_and_the_right_call(tmp_path, capsys):
     """--corrections: each task also played with one wrong call (weight 0) before the right one; the
     episode still passes, and SFT learns every agent turn but the wrong one."""
