@@ -100,7 +100,7 @@ def build_domains(cfg: RunConfig) -> list[Domain]:
         for name in stage.domains:
             why = cannot_train(stage.kind, by_name[name])
             if why is not None:
-                raise ConfigError(f"stages.{i}: domain {name!r} {why}")
+                raise ConfigError(f"stages.{i}: domain {name!r} {why[0]}{why[1]}")
         kind = lookup("stage", stage.kind)
         if kind.check_domains is not None:
             kind.check_domains(cfg, i, by_name)
@@ -113,16 +113,16 @@ def build_domains(cfg: RunConfig) -> list[Domain]:
     return domains
 
 
-def cannot_train(kind: str, dom: Domain) -> str | None:
-    """Why a stage of ``kind`` cannot train on ``dom``'s training tasks, as the end of a sentence
-    naming the domain; None when it can."""
+def cannot_train(kind: str, dom: Domain) -> tuple[str, str] | None:
+    """Why a stage of ``kind`` cannot train on ``dom``'s training tasks: (the reason, as the end of a
+    sentence naming the domain; what to do instead); None when it can."""
     if not dom.train:
-        return "has no training tasks (an evaluation-only domain); train on another"
+        return "has no training tasks (an evaluation-only domain)", "; train on another"
     if kind == "sft" and dom.environment is not None and not all("messages" in t for t in dom.train):
-        return ("is an environment; an sft stage needs reference conversations (tasks with 'messages'), "
+        return ("is an environment", "; an sft stage needs reference conversations (tasks with 'messages'), "
                 "so train it with a grpo stage")
     if lookup("stage", kind).needs_reward and not dom.rewards:
-        return f"defines no reward, and a {kind} stage learns from one (set domains[].rewards or args.reward)"
+        return "defines no reward", f", and a {kind} stage learns from one (set domains[].rewards or args.reward)"
     return None
 
 
@@ -139,5 +139,5 @@ def replay_pool(cfg: RunConfig, i: int, by_name: dict[str, Domain]) -> tuple[lis
         if why is None:
             pool.append(by_name[name])
         else:
-            left_out[name] = why.split(";")[0].split(", and")[0]
+            left_out[name] = why[0]
     return pool, left_out
