@@ -128,12 +128,12 @@ def train_grpo_stage(job: StageJob) -> StageResult:
 
         # 5. metrics (one collective), then the scaffold logs, stops or checkpoints
         metrics = step_metrics(batch, all_rewards, adv_stats, sums, run=run, rewards=rewards, multi_turn=multi_turn,
-                               row_domains=[dom.name for dom, _ in mine for _ in range(group_size)],
+                               picked=mine, group_size=group_size,
                                gen_time=gen_time, train_time=train_time, engine_timings=engine.timings)
         if cfg.logging.dump_rollouts:
             dump_rollouts(job, step + 1, batch, mine, group_size)
         if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
-                        progress={"reward": metrics["reward"], "loss": metrics["loss"],
+                        progress={"reward": metrics["reward"], **rewards.progress(metrics), "loss": metrics["loss"],
                                   "tok_s": metrics["tokens_per_s"]}):
             return run.stopped()
     return run.finish(tok)
@@ -276,13 +276,13 @@ class LossSums:
 
 
 def step_metrics(batch: RolloutBatch, all_rewards: torch.Tensor, adv_stats: dict, sums: LossSums, *, run: StageRun,
-                 rewards: StageRewards, multi_turn: bool, row_domains: list[str], gen_time: float,
+                 rewards: StageRewards, multi_turn: bool, picked: list, group_size: int, gen_time: float,
                  train_time: float, engine_timings: dict) -> dict:
     """The step's metrics from every process, gathered in one collective (the reward parts of the
     stage's domains: NaN where a row's domain has no such part; ``log_metric``'s values in a second
     one, where a reward function may have logged)."""
     rows = {"length": batch.completion_mask.sum(-1).float(), "truncated": batch.truncated.float(),
-            **rewards.part_rows(batch, row_domains),
+            **rewards.part_rows(batch, picked, group_size),
             **({f"episode/{s}": batch.episode_stats[s] for s in EPISODE_STATS} if multi_turn else {})}
     total, gathered = reduce_step_stats(run.device, sums=sums.values, rows=rows)
     tokens = max(total["tokens"], 1)

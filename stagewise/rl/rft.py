@@ -113,7 +113,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
         all_rewards = gather_rows(batch.rewards.to(run.device)).cpu()
         total, gathered = reduce_step_stats(run.device, sums={"loss": loss_sum, "kept_reward": (batch.rewards.to(
             run.device) * keep.to(run.device)).sum()}, rows=rewards.part_rows(
-            batch, [dom.name for dom, _ in mine for _ in range(group_size)]))
+            batch, mine, group_size))
         step_time = run.elapsed()
         lengths = batch.completion_mask.sum().item()
         metrics = {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
@@ -124,7 +124,8 @@ def train_rft_stage(job: StageJob) -> StageResult:
                    "tokens_per_s": lengths * world / step_time, **rewards.metrics(gathered), **engine.timings}
         metrics = rewards.with_logged(metrics)
         if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
-                        progress={"reward": metrics["reward"], "keep": metrics["keep_rate"]}):
+                        progress={"reward": metrics["reward"], **rewards.progress(metrics),
+                                  "keep": metrics["keep_rate"]}):
             return run.stopped()
     return run.finish(tok)
 

@@ -184,9 +184,11 @@ class StageRewards:
         self.state.global_step = step
         return self.context
 
-    def part_rows(self, batch: RolloutBatch, row_domains: list[str]) -> dict[str, torch.Tensor]:
+    def part_rows(self, batch: RolloutBatch, picked: list, group_size: int) -> dict[str, torch.Tensor]:
         """Per-row values for ``reduce_step_stats`` (NaN where a row's domain has no such part, or is
-        another domain). row_domains: each row's domain name."""
+        another domain). picked: this process's (domain, example) pairs, each sampled group_size
+        times in a row (the batch's row order)."""
+        row_domains = [dom.name for dom, _ in picked for _ in range(group_size)]
         nan = torch.full((len(batch),), float("nan"))
         rows = {f"reward/{p}": batch.reward_parts.get(p, nan) for p in self.parts}
         for name in self.domain_names:
@@ -209,6 +211,12 @@ class StageRewards:
             if ok.any():
                 out[f"domain_reward/{name}"] = values[ok].mean().item()
         return out
+
+    def progress(self, metrics: dict) -> dict[str, float]:
+        """Each domain's reward for the progress line of a step that sampled several (replay): the
+        step's ``reward`` mixes them."""
+        return {f"{name} reward": metrics[f"domain_reward/{name}"] for name in self.domain_names
+                if f"domain_reward/{name}" in metrics}
 
     def with_logged(self, metrics: dict) -> dict:
         """``metrics`` and what the reward functions logged this step with ``log_metric`` (averaged

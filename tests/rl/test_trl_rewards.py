@@ -62,7 +62,7 @@ def read_rows(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_trl_reward_functions_train_a_grpo_stage(tmp_path, tiny_model_dir):
+def test_trl_reward_functions_train_a_grpo_stage(tmp_path, tiny_model_dir, capsys):
     STATES.clear()
     out = tmp_path / "grpo"
     result = run_curriculum(load_config(raw=trl_raw(tmp_path, tiny_model_dir, out)))
@@ -91,6 +91,12 @@ def test_trl_reward_functions_train_a_grpo_stage(tmp_path, tiny_model_dir):
         for dom in ("boxed", "chat"):
             rewards = [x["reward"] for x in rollouts if x["domain"] == dom and x["step"] == r["stage_step"]]
             assert rewards and r[f"domain_reward/{dom}"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+    # and the progress line shows them beside the step's mixed reward
+    lines = [x for x in capsys.readouterr().out.splitlines() if "(grpo) " in x]
+    assert len(lines) == len(steps)
+    for line, r in zip(lines, steps):
+        assert f"reward {r['reward']:.3g}  chat reward {r['domain_reward/chat']:.3g}  " \
+               f"boxed reward {r['domain_reward/boxed']:.3g}  loss" in line, line  # the stage's order
 
 
 def test_trl_reward_functions_train_an_rft_stage(tmp_path, tiny_model_dir):
