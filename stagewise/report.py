@@ -144,8 +144,10 @@ def write_report(out: str | Path, cfg, domain_names: list[str]) -> Path:
         metrics = continual_metrics(R, own) if has_acc else None
         lossm = loss_metrics(L, own) if has_loss else None
     rows = read_metrics(out)
-    has_curve = plot_curves(rows, "reward", "mean reward (weighted sum)", "GRPO reward per step",
-                            out / "reward_curves.png")
+    # a replay stage's curve is its own domains' reward (own_reward), as its stage_results' curve
+    curves = [{**r, "reward": r.get("own_reward", r["reward"])} if "reward" in r else r for r in rows]
+    has_curve = plot_curves(curves, "reward", "mean reward (weighted sum)",
+                            "reward per step (a replay stage: its own domains')", out / "reward_curves.png")
     has_loss_curve = plot_curves([r for r in rows if "reward" not in r], "loss", "token-mean NLL",
                                  "SFT training loss per step", out / "sft_loss_curves.png")
     if has_acc:

@@ -72,7 +72,8 @@ def train_grpo_stage(job: StageJob) -> StageResult:
     shared = prefix_sharing(grpo_cfg.shared_prefix)
     domains = job.domains + job.replay_domains
     multi_turn = any(d.environment is not None for d in domains)
-    rewards = StageRewards(domains, total_steps, rank=run.rank, local_rank=run.strategy.acc.local_process_index)
+    rewards = StageRewards(job.domains, total_steps, replayed=job.replay_domains, rank=run.rank,
+                           local_rank=run.strategy.acc.local_process_index)
     # the most policy tokens an episode can hold (Dr. GRPO's constant normaliser)
     policy_budget = (min(rollout_cfg.max_turns * rollout_cfg.max_new_tokens, rollout_cfg.max_episode_tokens)
                      if multi_turn else rollout_cfg.max_new_tokens)
@@ -132,7 +133,7 @@ def train_grpo_stage(job: StageJob) -> StageResult:
                                gen_time=gen_time, train_time=train_time, engine_timings=engine.timings)
         if cfg.logging.dump_rollouts:
             dump_rollouts(job, step + 1, batch, mine, group_size)
-        if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
+        if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=rewards.curve(metrics),
                         progress={"reward": metrics["reward"], **rewards.progress(metrics), "loss": metrics["loss"],
                                   "tok_s": metrics["tokens_per_s"]}):
             return run.stopped()

@@ -68,7 +68,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
     limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
                            max_tool_errors=rollout_cfg.max_tool_errors)
     shared = prefix_sharing(rft_cfg.shared_prefix)
-    rewards = StageRewards(job.domains + job.replay_domains, total_steps, rank=run.rank,
+    rewards = StageRewards(job.domains, total_steps, replayed=job.replay_domains, rank=run.rank,
                            local_rank=run.strategy.acc.local_process_index)
 
     while not run.finished:
@@ -123,7 +123,7 @@ def train_rft_stage(job: StageJob) -> StageResult:
                    "step_time": step_time, "gen_time": gen_time, "train_time": train_time,
                    "tokens_per_s": lengths * world / step_time, **rewards.metrics(gathered), **engine.timings}
         metrics = rewards.with_logged(metrics)
-        if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=metrics["reward"],
+        if run.end_step(metrics, samples=rollout_cfg.prompts_per_step * group_size, curve=rewards.curve(metrics),
                         progress={"reward": metrics["reward"], **rewards.progress(metrics),
                                   "keep": metrics["keep_rate"]}):
             return run.stopped()

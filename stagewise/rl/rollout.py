@@ -167,13 +167,18 @@ class StageRewards:
     """What a sampling stage gives its reward functions (TRL's ``trainer_state`` and ``log_metric``)
     and the reward metrics it logs per step: ``reward/<part>`` (mean and std over the rows whose
     domain has the part, every process), ``domain_reward/<domain>`` where the stage samples more than
-    one domain (replay: the stage's own reward apart from the replayed ones'), and what the functions
-    logged with ``log_metric``."""
+    one domain (replay: the stage's own reward apart from the replayed ones'), ``own_reward`` (the
+    mean over the stage's own domains' rows) where it replays others, and what the functions logged
+    with ``log_metric``."""
 
-    def __init__(self, domains: list[Domain], total_steps: int, *, rank: int, local_rank: int):
+    def __init__(self, own: list[Domain], total_steps: int, *, replayed: list[Domain] = (), rank: int,
+                 local_rank: int):
+        domains = [*own, *replayed]
         self.parts = sorted({n for d in domains for n, _ in d.rewards} | {p for d in domains for p in d.reward_parts})
         names = list(dict.fromkeys(d.name for d in domains))
         self.domain_names = names if len(names) > 1 else []
+        self.own_names = {d.name for d in own}
+        self.replays = any(name not in self.own_names for name in names)
         self.log = MetricLog()
         self.state = trainer_state(total_steps, is_main=rank == 0, is_local_main=local_rank == 0)
         self.context = RewardContext(trainer_state=self.state, log_metric=self.log)
@@ -194,6 +199,9 @@ class StageRewards:
         for name in self.domain_names:
             mine = torch.tensor([d == name for d in row_domains])
             rows[f"domain_reward/{name}"] = torch.where(mine, batch.rewards.float().cpu(), nan)
+        if self.replays:
+            own = torch.tensor([d in self.own_names for d in row_domains])
+            rows["own_reward"] = torch.where(own, batch.rewards.float().cpu(), nan)
         return rows
 
     def metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -210,7 +218,17 @@ class StageRewards:
             ok = ~torch.isnan(values)
             if ok.any():
                 out[f"domain_reward/{name}"] = values[ok].mean().item()
+        if self.replays:
+            values = gathered.pop("own_reward")
+            ok = ~torch.isnan(values)
+            if ok.any():
+                out["own_reward"] = values[ok].mean().item()
         return out
+
+    def curve(self, metrics: dict) -> float | None:
+        """The step's point on the stage's reward curve: its own domains' reward (a replayed domain's
+        rows would hide whether the stage learns its own; None: the step drew none of them)."""
+        return metrics.get("own_reward") if self.replays else metrics["reward"]
 
     def progress(self, metrics: dict) -> dict[str, float]:
         """Each domain's reward for the progress line of a step that sampled several (replay): the

@@ -198,7 +198,7 @@ class StageRun:
                                 f"continue with --resume from the last checkpoint")
         return info
 
-    def end_step(self, metrics: dict, *, samples: int, curve: float, progress: dict) -> bool:
+    def end_step(self, metrics: dict, *, samples: int, curve: float | None, progress: dict) -> bool:
         """Count the step, log it (with what every stage logs), then agree on stopping (collective):
         True when the stage must stop now, after checkpointing."""
         job, counters = self.job, self.counters

@@ -99,6 +99,30 @@ def test_trl_reward_functions_train_a_grpo_stage(tmp_path, tiny_model_dir, capsy
                f"boxed reward {r['domain_reward/boxed']:.3g}  loss" in line, line  # the stage's order
 
 
+def test_a_replay_stage_reports_its_own_domains_reward(tmp_path, tiny_model_dir):
+    """Half of stage 2's prompts replay stage 1's domain: its `reward` mixes both, so its curve (the
+    report's plot and stage table) and `own_reward` are its own domain's rows alone."""
+    out = tmp_path / "replay"
+    raw = trl_raw(tmp_path, tiny_model_dir, out)
+    raw["stages"] = [{"domains": ["boxed"], "steps": 1}, {"domains": ["chat"], "steps": 2, "replay": 0.5}]
+    run_curriculum(load_config(raw=raw))
+    rows = [r for r in read_rows(out / "metrics.jsonl") if "stage_step" in r]
+    rollouts = read_rows(out / "rollouts.jsonl")
+    first, second = [r for r in rows if r["stage"] == 1], [r for r in rows if r["stage"] == 2]
+    assert len(first) == 1 and len(second) == 2
+    assert "own_reward" not in first[0]  # nothing replayed: the reward is the stage's own
+    for r in second:
+        chat = [x["reward"] for x in rollouts if (x["stage"], x["step"], x["domain"]) == (2, r["stage_step"], "chat")]
+        boxed = [x["reward"] for x in rollouts if (x["stage"], x["step"], x["domain"]) == (2, r["stage_step"], "boxed")]
+        assert len(chat) == len(boxed) == 8  # 2 of the 4 prompts replayed, 4 completions each
+        assert r["own_reward"] == pytest.approx(sum(chat) / 8, abs=1e-6)
+        assert r["reward"] == pytest.approx((sum(chat) + sum(boxed)) / 16, abs=1e-6)
+    assert any(r["own_reward"] != pytest.approx(r["reward"]) for r in second)  # else the curve test says nothing
+    curves = json.loads((out / "curriculum.json").read_text())["stage_results"]
+    assert curves["1"]["curve"] == pytest.approx([first[0]["reward"]])
+    assert curves["2"]["curve"] == pytest.approx([r["own_reward"] for r in second])
+
+
 def test_trl_reward_functions_train_an_rft_stage(tmp_path, tiny_model_dir):
     """keep: pass reads the domain's own metric (add: last_number), scored beside a TRL function."""
     out = tmp_path / "rft"
