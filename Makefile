@@ -36,11 +36,11 @@ tool-demo: $(STAMP)
 	$(BIN)/stagewise run configs/tool_calculator.yaml --overwrite
 
 # the reference curriculum on this CPU (configs/tau2_cpu.yaml): oracle demonstrations of each domain's
-# training tasks, then SFT -> RFT on airline, then on retail, the matrix on the held-out and training tasks
+# training tasks (with corrections: a wrong call, its error, the right call), then SFT -> RFT on airline, then on retail, the matrix on the held-out and training tasks
 TAU2_DEMOS := runs/tau2_cpu_demos
 tau2-demo: $(STAMP)
-	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain airline --split train --agent oracle --out $(TAU2_DEMOS)/airline.jsonl
-	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain retail --split train --agent oracle --out $(TAU2_DEMOS)/retail.jsonl
+	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain airline --split train --agent oracle --corrections --out $(TAU2_DEMOS)/airline.jsonl
+	$(BIN)/stagewise demos configs/tau2_cpu.yaml --domain retail --split train --agent oracle --corrections --out $(TAU2_DEMOS)/retail.jsonl
 	$(BIN)/stagewise run configs/tau2_cpu.yaml --overwrite
 
 test: $(STAMP) $(VLLM_STAMP)
