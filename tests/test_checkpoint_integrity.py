@@ -112,6 +112,34 @@ def test_resume_with_force_goes_on(tiny_model_dir, tmp_path):
     assert not run_curriculum(changed, resume=True, force=True)["stopped"]
 
 
+def test_resume_with_force_keeps_each_domains_matrix_values_under_its_name(tiny_model_dir, tmp_path):
+    """A --force resume whose config reorders the domains and drops one: the matrices' rows (one
+    value per domain, in the config's order) follow the names, not the positions."""
+    from stagewise.config import load_config
+    from tests.helpers import tiny_raw
+
+    out = tmp_path / "r"
+    raw = tiny_raw(tiny_model_dir, out, stages=1, steps=1)
+    run_curriculum(load_config(raw=raw))
+    state = out / "curriculum.json"
+    before = json.loads(state.read_text())
+    # a random tiny model scores 0 on both domains: distinct values, so that a swap would show
+    before["rows"] = {"0": [0.125, 0.25], "1": [0.375, 0.5]}
+    before["loss_rows"] = {"0": [1.5, 2.5], "1": [3.5, 4.5]}
+    state.write_text(json.dumps(before))
+    raw["domains"] = [raw["domains"][1], raw["domains"][0], {**raw["domains"][0], "name": "add2", "type": "add"}]
+    raw["stages"] = raw["stages"] + [{"domains": ["max"], "steps": 1}]
+    run_curriculum(load_config(raw=raw), resume=True, force=True)
+    after = json.loads((out / "curriculum.json").read_text())
+    for key in ("rows", "loss_rows"):
+        for k in ("0", "1"):
+            add, mx = before[key][k]
+            assert after[key][k] == [mx, add, None], (key, k)
+        assert len(after[key]["2"]) == 3  # the new row: every domain of the new config
+    assert None not in after["rows"]["2"]  # (no held-out loss without an sft stage: loss_rows' are None)
+    assert "| base |" in (out / "report.md").read_text()
+
+
 def _fake_checkpoint(root, step: int) -> None:
     from stagewise.checkpoint import MANIFEST, file_table
 

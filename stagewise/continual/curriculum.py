@@ -62,8 +62,7 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
             print0(f"[stagewise] {note}")
     preflight.check_config(cfg, world)
     check_output_dir(out, resume=resume, overwrite=overwrite)
-    if resume:
-        check_resume_config(out, cfg, force)
+    saved_domains = check_resume_config(out, cfg, force) if resume else None
     domains = preflight.build_domains(cfg)
     # model conversion (GGUF -> safetensors cache) happens once, before the process group exists
     # on every rank; the file lock in models.convert_gguf makes concurrent ranks wait for one.
@@ -89,7 +88,8 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
         skipped = {f"data_skipped/{d.name}": len(d.skipped) for d in domains if d.skipped}
         if skipped:
             tracker.log(skipped, step=0)
-        result = _run_stages(cfg, dist_state, tracker, domains, base_path, resume=resume, stop_after=stop_after)
+        result = _run_stages(cfg, dist_state, tracker, domains, base_path, resume=resume, stop_after=stop_after,
+                             saved_domains=saved_domains)
         ok = True
         return result
     finally:
@@ -98,7 +98,7 @@ def run_curriculum(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fa
 
 
 def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Domain], base_path: str, *,
-                resume: bool, stop_after: int | None) -> dict:
+                resume: bool, stop_after: int | None, saved_domains: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -107,7 +107,10 @@ def _run_stages(cfg: RunConfig, dist_state, tracker: Tracker, domains: list[Doma
     print0(f"[stagewise] {cfg.dist.strategy} x{dist_state.num_processes} on {dist_state.device}; "
            f"model {cfg.model.name_or_path} -> {base_path}; output {out}")
     tok = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    state = load_state(out) if resume else {"rows": {}, "loss_rows": {}, "stage_results": {}}
+    state = (load_state(out, saved_domains, [d.name for d in domains]) if resume
+             else {"rows": {}, "loss_rows": {}, "stage_results": {}})
+    if resume and saved_domains is not None and dist_state.is_main_process:
+        save_state(out, state)  # its rows in this config's domain order (a --force resume may change them)
     samples = state.get("samples", {})
 
     def evaluate(weights: str, started_from: str, key: str, label: str, step: int) -> None:

@@ -2,8 +2,8 @@
 state file (the accuracy-matrix rows so far).
 
     check_output_dir(out, resume=False, overwrite=False)     # refuse to clobber anything by accident
-    check_resume_config(out, cfg, force=False)               # a resume continues the same run
-    state = load_state(out); save_state(out, state)          # curriculum.json, written atomically
+    saved = check_resume_config(out, cfg, force=False)       # a resume continues the same run
+    state = load_state(out, saved, names); save_state(out, state)  # curriculum.json, written atomically
 """
 
 from __future__ import annotations
@@ -20,10 +20,18 @@ from stagewise.tracking import print0
 STATE = "curriculum.json"
 
 
-def load_state(out: Path) -> dict:
+def load_state(out: Path, saved_domains: list[str] | None = None, domains: list[str] | None = None) -> dict:
+    """The run's state; its matrices' rows (one value per domain, in the config's order) moved to the
+    columns of ``domains`` where the run was saved with other ``saved_domains`` (a --force resume
+    that drops, adds or reorders domains: a dropped domain's values leave, a new one's are empty)."""
     p = out / STATE
     state = json.loads(p.read_text()) if p.is_file() else {"rows": {}, "stage_results": {}}
     state.setdefault("loss_rows", {})
+    if saved_domains is not None and domains is not None and saved_domains != domains:
+        where = {name: j for j, name in enumerate(saved_domains)}
+        for key in ("rows", "loss_rows"):
+            state[key] = {k: [row[where[n]] if n in where and where[n] < len(row) else None for n in domains]
+                          for k, row in state[key].items()}
     return state
 
 
@@ -57,10 +65,12 @@ def resume_differences(saved: dict, new: dict) -> list[str]:
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def check_resume_config(out: Path, cfg: RunConfig, force: bool) -> None:
+def check_resume_config(out: Path, cfg: RunConfig, force: bool) -> list[str] | None:
+    """Refuse a resume whose config changed what must not change mid-run (unless ``force``); the saved
+    run's domain names (the columns of its matrices' rows), None where no config was saved."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        return
+        return None
     import yaml
 
     saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -72,6 +82,7 @@ def check_resume_config(out: Path, cfg: RunConfig, force: bool) -> None:
                              f"(add --force to resume anyway)")
     if diffs:
         print0(f"[stagewise] warning: --force: resuming with changed {', '.join(d.split(':')[0] for d in diffs)}")
+    return [d["name"] for d in saved.get("domains", [])]
 
 
 def holds_run(out: Path) -> bool:
