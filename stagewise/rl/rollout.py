@@ -213,16 +213,12 @@ class StageRewards:
             if ok.any():
                 out[f"reward/{p}"] = values[ok].mean().item()
                 out[f"reward/{p}_std"] = values[ok].std().item() if ok.sum() > 1 else 0.0
-        for name in self.domain_names:
-            values = gathered.pop(f"domain_reward/{name}")
+        # means over the rows of one domain, or of the stage's own (absent where the step drew none)
+        for key in [f"domain_reward/{name}" for name in self.domain_names] + (["own_reward"] if self.replays else []):
+            values = gathered.pop(key)
             ok = ~torch.isnan(values)
             if ok.any():
-                out[f"domain_reward/{name}"] = values[ok].mean().item()
-        if self.replays:
-            values = gathered.pop("own_reward")
-            ok = ~torch.isnan(values)
-            if ok.any():
-                out["own_reward"] = values[ok].mean().item()
+                out[key] = values[ok].mean().item()
         return out
 
     def curve(self, metrics: dict) -> float | None:
